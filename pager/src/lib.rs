@@ -1,0 +1,1 @@
+//! The BSD VM core (filled in by the pager issue).
