@@ -1,0 +1,137 @@
+//! Command line.
+
+use crate::error::Error;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "vkvm", version, about = "A KVM VMM whose guest memory is run like the BSD VM system",
+    long_about = "vkvm boots a tiny guest kernel (bundled, or any PVH ELF) on KVM.\n\n\
+Exit status: the guest's own status (0 pass, 1 a test failed), 2 usage or configuration error, 3 VMM or guest crash.")]
+pub struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Less log output (-q errors only, -qq nothing).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, conflicts_with = "verbose")]
+    quiet: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    pub fn log_level(&self) -> log::LevelFilter {
+        use log::LevelFilter::*;
+        match (self.verbose, self.quiet) {
+            (0, 0) => Warn,
+            (1, _) => Info,
+            (2, _) => Debug,
+            (v, _) if v >= 3 => Trace,
+            (_, 1) => Error,
+            _ => Off,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Boot a guest (the bundled one by default) and exit with its status.
+    Run(RunArgs),
+    /// Write the bundled guest ELF to a file.
+    Guest {
+        /// Where to write the ELF.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct RunArgs {
+    /// A PVH ELF to boot instead of the bundled guest.
+    pub guest: Option<PathBuf>,
+    /// Guest RAM: bytes, or with a K, M or G suffix; a multiple of 4 KiB, at most 3G.
+    #[arg(short, long, default_value = "256M", value_parser = parse_size)]
+    pub memory: u64,
+    /// Number of vCPUs; each runs a ring-3 task in the bundled guest.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Guest command line; the bundled guest takes `tests=a,b,c`, `seed=N`.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Stop a guest that has not exited after this many seconds (status 3).
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<f64>,
+    /// Write exit counts, test results and statistics as JSON at exit.
+    #[arg(long, value_name = "PATH")]
+    pub stats_json: Option<PathBuf>,
+    /// The KVM device to open.
+    #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
+    pub kvm_device: PathBuf,
+}
+
+/// Parse `64M`, `1G`, `4096K` or a plain byte count.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => return Err(format!("'{s}': unknown size suffix '{c}' (use K, M or G)")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (examples: 64M, 1G, 1048576)"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+}
+
+impl RunArgs {
+    pub fn validate(&self, max_vcpus: u32) -> Result<(), Error> {
+        if self.memory % 4096 != 0 {
+            return Err(Error::Config(format!("--memory {} is not a multiple of 4 KiB", self.memory)));
+        }
+        if self.memory > crate::vm::MAX_MEMORY {
+            return Err(Error::Config(format!(
+                "--memory {} MiB is above the supported 3072 MiB (RAM sits below the 32-bit MMIO hole)",
+                self.memory >> 20
+            )));
+        }
+        if self.vcpus == 0 || self.vcpus > max_vcpus {
+            return Err(Error::Config(format!(
+                "--vcpus {} is out of range: 1 to {max_vcpus} on this host",
+                self.vcpus
+            )));
+        }
+        if let Some(t) = self.timeout {
+            if !(t > 0.0 && t.is_finite()) {
+                return Err(Error::Config(format!("--timeout {t} must be a positive number of seconds")));
+            }
+        }
+        if self.cmdline.len() >= crate::boot::CMDLINE_MAX {
+            return Err(Error::Config(format!(
+                "--cmdline is {} bytes, the limit is {}",
+                self.cmdline.len(),
+                crate::boot::CMDLINE_MAX - 1
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_suffixes() {
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999999G").is_err());
+    }
+}
