@@ -3,6 +3,8 @@
 //! the tests named on the command line (`tests=a,b,c`; default `selfcheck`).
 #![no_std]
 #![no_main]
+// Statics shared between CPUs are reached through raw pointers on purpose.
+#![allow(clippy::deref_addrof)]
 
 mod abi;
 mod arch;

@@ -5,9 +5,13 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "vkvm", version, about = "A KVM VMM whose guest memory is run like the BSD VM system",
+#[command(
+    name = "vkvm",
+    version,
+    about = "A KVM VMM whose guest memory is run like the BSD VM system",
     long_about = "vkvm boots a tiny guest kernel (bundled, or any PVH ELF) on KVM.\n\n\
-Exit status: the guest's own status (0 pass, 1 a test failed), 2 usage or configuration error, 3 VMM or guest crash.")]
+Exit status: the guest's own status (0 pass, 1 a test failed), 2 usage or configuration error, 3 VMM or guest crash."
+)]
 pub struct Cli {
     /// More log output (-v info, -vv debug, -vvv trace).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -72,26 +76,33 @@ pub struct RunArgs {
 /// Parse `64M`, `1G`, `4096K` or a plain byte count.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                _ => return Err(format!("'{s}': unknown size suffix '{c}' (use K, M or G)")),
-            };
-            (&t[..i], m)
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (examples: 64M, 1G, 1048576)"))?;
+    let mult = match suffix.to_ascii_uppercase().as_str() {
+        "" | "B" => 1u64,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "'{s}': unknown size suffix '{suffix}' (use K, M or G)"
+            ))
         }
-        _ => (t, 1),
     };
-    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (examples: 64M, 1G, 1048576)"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))
 }
 
 impl RunArgs {
     pub fn validate(&self, max_vcpus: u32) -> Result<(), Error> {
-        if self.memory % 4096 != 0 {
-            return Err(Error::Config(format!("--memory {} is not a multiple of 4 KiB", self.memory)));
+        if !self.memory.is_multiple_of(4096) {
+            return Err(Error::Config(format!(
+                "--memory {} is not a multiple of 4 KiB",
+                self.memory
+            )));
         }
         if self.memory > crate::vm::MAX_MEMORY {
             return Err(Error::Config(format!(
@@ -107,7 +118,9 @@ impl RunArgs {
         }
         if let Some(t) = self.timeout {
             if !(t > 0.0 && t.is_finite()) {
-                return Err(Error::Config(format!("--timeout {t} must be a positive number of seconds")));
+                return Err(Error::Config(format!(
+                    "--timeout {t} must be a positive number of seconds"
+                )));
             }
         }
         if self.cmdline.len() >= crate::boot::CMDLINE_MAX {

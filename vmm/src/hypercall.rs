@@ -29,11 +29,18 @@ fn le64(b: &[u8], off: usize) -> u64 {
 
 /// Read `len` guest bytes at `gpa`, or an errno if any byte is outside RAM.
 pub fn read_guest(shared: &Shared, gpa: u64, len: u64) -> Result<Vec<u8>, i64> {
-    if gpa.checked_add(len).is_none() || !shared.mem.check_range(GuestAddress(gpa), len as usize, Permissions::ReadWrite) {
+    if gpa.checked_add(len).is_none()
+        || !shared
+            .mem
+            .check_range(GuestAddress(gpa), len as usize, Permissions::ReadWrite)
+    {
         return Err(-abi::EFAULT);
     }
     let mut buf = vec![0u8; len as usize];
-    shared.mem.read_slice(&mut buf, GuestAddress(gpa)).map_err(|_| -abi::EFAULT)?;
+    shared
+        .mem
+        .read_slice(&mut buf, GuestAddress(gpa))
+        .map_err(|_| -abi::EFAULT)?;
     Ok(buf)
 }
 
@@ -41,10 +48,13 @@ pub fn read_guest(shared: &Shared, gpa: u64, len: u64) -> Result<Vec<u8>, i64> {
 pub fn handle(shared: &Shared, cpu: u32, value: u32) -> Action {
     let gpa = value as u64;
     let raw = match read_guest(shared, gpa, abi::HC_BLOCK_SIZE as u64) {
-        Ok(b) if gpa % 8 == 0 => b,
+        Ok(b) if gpa.is_multiple_of(8) => b,
         _ => {
             warn!("vcpu {cpu}: hypercall block at {gpa:#x} is outside guest RAM or misaligned");
-            shared.stats.bad_hypercalls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            shared
+                .stats
+                .bad_hypercalls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Action::Continue;
         }
     };
@@ -55,16 +65,24 @@ pub fn handle(shared: &Shared, cpu: u32, value: u32) -> Action {
         args: std::array::from_fn(|i| le64(&raw, 8 + 8 * i)),
     };
     let (ret, action) = if magic != abi::HC_MAGIC || version != abi::ABI_VERSION {
-        warn!("vcpu {cpu}: hypercall block with magic {magic:#x} version {version}: expected ABI v{}", abi::ABI_VERSION);
+        warn!(
+            "vcpu {cpu}: hypercall block with magic {magic:#x} version {version}: expected ABI v{}",
+            abi::ABI_VERSION
+        );
         (-abi::EINVAL, Action::Continue)
     } else {
         dispatch(shared, cpu, &b)
     };
     if ret < 0 {
-        shared.stats.bad_hypercalls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        shared
+            .stats
+            .bad_hypercalls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     // The block was checked to be inside RAM above.
-    let _ = shared.mem.write_slice(&ret.to_le_bytes(), GuestAddress(gpa + 56));
+    let _ = shared
+        .mem
+        .write_slice(&ret.to_le_bytes(), GuestAddress(gpa + 56));
     action
 }
 
@@ -92,7 +110,11 @@ fn dispatch(shared: &Shared, cpu: u32, b: &Block) -> (i64, Action) {
                 Ok(bytes) => {
                     let r = TestResult::decode(&bytes);
                     debug!("vcpu {cpu}: test {} {}", r.name, r.status);
-                    shared.tests.lock().unwrap_or_else(|e| e.into_inner()).push(r);
+                    shared
+                        .tests
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(r);
                     (0, Action::Continue)
                 }
                 Err(e) => (e, Action::Continue),

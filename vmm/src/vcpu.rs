@@ -72,13 +72,19 @@ fn handle_exit(shared: &Shared, id: u32, exit: VcpuExit) -> Step {
         }
         VcpuExit::MmioRead(addr, data) => {
             counts.count(Reason::MmioRead);
-            warn!("vcpu {id}: read of {} bytes at unbacked address {addr:#x}", data.len());
+            warn!(
+                "vcpu {id}: read of {} bytes at unbacked address {addr:#x}",
+                data.len()
+            );
             data.fill(0xff);
             Step::Continue
         }
         VcpuExit::MmioWrite(addr, data) => {
             counts.count(Reason::MmioWrite);
-            warn!("vcpu {id}: write of {} bytes to unbacked address {addr:#x} ignored", data.len());
+            warn!(
+                "vcpu {id}: write of {} bytes to unbacked address {addr:#x} ignored",
+                data.len()
+            );
             Step::Continue
         }
         VcpuExit::Hlt => {
@@ -87,7 +93,9 @@ fn handle_exit(shared: &Shared, id: u32, exit: VcpuExit) -> Step {
         }
         VcpuExit::Shutdown => {
             counts.count(Reason::Shutdown);
-            Step::Stop(Outcome::Crash(format!("guest triple fault (KVM_EXIT_SHUTDOWN) on vcpu {id}")))
+            Step::Stop(Outcome::Crash(format!(
+                "guest triple fault (KVM_EXIT_SHUTDOWN) on vcpu {id}"
+            )))
         }
         VcpuExit::FailEntry(reason, cpu) => {
             counts.count(Reason::FailEntry);
@@ -97,15 +105,21 @@ fn handle_exit(shared: &Shared, id: u32, exit: VcpuExit) -> Step {
         }
         VcpuExit::InternalError => {
             counts.count(Reason::InternalError);
-            Step::Stop(Outcome::Crash(format!("KVM internal error on vcpu {id} (emulation failure?)")))
+            Step::Stop(Outcome::Crash(format!(
+                "KVM internal error on vcpu {id} (emulation failure?)"
+            )))
         }
         VcpuExit::SystemEvent(kind, _) => {
             counts.count(Reason::SystemEvent);
-            Step::Stop(Outcome::Crash(format!("guest system event {kind} on vcpu {id}")))
+            Step::Stop(Outcome::Crash(format!(
+                "guest system event {kind} on vcpu {id}"
+            )))
         }
         other => {
             counts.count(Reason::Other);
-            Step::Stop(Outcome::Crash(format!("unexpected exit on vcpu {id}: {other:?}")))
+            Step::Stop(Outcome::Crash(format!(
+                "unexpected exit on vcpu {id}: {other:?}"
+            )))
         }
     }
 }
@@ -113,7 +127,9 @@ fn handle_exit(shared: &Shared, id: u32, exit: VcpuExit) -> Step {
 fn io_out(shared: &Shared, id: u32, port: u16, data: &[u8]) -> Step {
     match port {
         COM1_BASE..COM1_END => {
-            shared.serial.write(port, data.first().copied().unwrap_or(0));
+            shared
+                .serial
+                .write(port, data.first().copied().unwrap_or(0));
         }
         abi::HC_PORT if data.len() == 4 => {
             let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
@@ -133,7 +149,11 @@ fn io_out(shared: &Shared, id: u32, port: u16, data: &[u8]) -> Step {
             return Step::Stop(Outcome::Exit(devices::debug_exit_status(v)));
         }
         _ => {
-            shared.stats.exits.unhandled_pio.fetch_add(1, Ordering::Relaxed);
+            shared
+                .stats
+                .exits
+                .unhandled_pio
+                .fetch_add(1, Ordering::Relaxed);
             debug!("vcpu {id}: write to unclaimed port {port:#x} ignored");
         }
     }
@@ -149,7 +169,11 @@ fn io_in(shared: &Shared, port: u16, data: &mut [u8]) {
         }
         abi::HC_PORT if data.len() == 4 => data.copy_from_slice(&abi::HC_PROBE_MAGIC.to_le_bytes()),
         _ => {
-            shared.stats.exits.unhandled_pio.fetch_add(1, Ordering::Relaxed);
+            shared
+                .stats
+                .exits
+                .unhandled_pio
+                .fetch_add(1, Ordering::Relaxed);
             data.fill(0xff);
         }
     }
@@ -160,7 +184,20 @@ fn dump_registers(vcpu: &VcpuFd) -> String {
         (Ok(r), Ok(s)) => format!(
             "  rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x}\n  \
              cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x} (dpl {})",
-            r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.cs.selector, s.cs.dpl
+            r.rip,
+            r.rsp,
+            r.rflags,
+            r.rax,
+            r.rbx,
+            r.rcx,
+            r.rdx,
+            s.cr0,
+            s.cr2,
+            s.cr3,
+            s.cr4,
+            s.efer,
+            s.cs.selector,
+            s.cs.dpl
         ),
         _ => "  (registers unavailable)".into(),
     }

@@ -58,12 +58,17 @@ impl Shared {
         let _ = self.exit_evt.write(1);
     }
     pub fn finished(&self) -> bool {
-        self.outcome.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+        self.outcome
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
     /// A vCPU that stopped running (parked, or halted).
     pub fn park(&self) {
         if self.parked.fetch_add(1, Ordering::SeqCst) + 1 == self.nr_vcpus {
-            self.finish(Outcome::Crash("every vCPU parked or halted and none asked to exit".into()));
+            self.finish(Outcome::Crash(
+                "every vCPU parked or halted and none asked to exit".into(),
+            ));
         }
     }
 }
@@ -72,28 +77,42 @@ impl Shared {
 pub fn open_kvm(path: &Path) -> Result<Kvm, Error> {
     let c = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| Error::Kvm(format!("{} is not a valid path", path.display())))?;
-    Kvm::new_with_path(&c).map_err(|e| {
-        let p = path.display();
-        Error::Kvm(match e.errno() {
-            libc::ENOENT => format!(
-                "{p} does not exist: load KVM (modprobe kvm_intel or kvm_amd) on a host with virtualization enabled"
-            ),
-            libc::EACCES | libc::EPERM => format!(
-                "permission denied on {p}: add yourself to the kvm group (usermod -aG kvm $USER, then log in again) or run as root"
-            ),
-            _ => format!("{p}: {e}"),
-        })
-    })
+    let kvm = Kvm::new_with_path(&c).map_err(|e| Error::Kvm(open_error(path, e.errno())))?;
+    match kvm.get_api_version() {
+        12 => Ok(kvm),
+        v => Err(Error::Kvm(format!(
+            "{} is not a KVM device (KVM_GET_API_VERSION answered {v}, expected 12)",
+            path.display()
+        ))),
+    }
+}
+
+/// Advice for the usual reasons opening the KVM device fails.
+fn open_error(path: &Path, errno: i32) -> String {
+    let p = path.display();
+    match errno {
+        libc::ENOENT => {
+            format!("{p} does not exist: load KVM (modprobe kvm_intel or kvm_amd) on a host with virtualization enabled")
+        }
+        libc::EACCES | libc::EPERM => format!(
+            "permission denied on {p}: add yourself to the kvm group (usermod -aG kvm $USER, then log in again) or run as root"
+        ),
+        e => format!("{p}: {}", std::io::Error::from_raw_os_error(e)),
+    }
 }
 
 pub fn run(args: &RunArgs) -> Result<u8, Error> {
     args.validate(u32::MAX)?;
     let (image, what) = match &args.guest {
         Some(p) => (
-            std::fs::read(p).map_err(|e| Error::Config(format!("cannot read guest {}: {e}", p.display())))?,
+            std::fs::read(p)
+                .map_err(|e| Error::Config(format!("cannot read guest {}: {e}", p.display())))?,
             p.display().to_string(),
         ),
-        None => (guest_image::BUNDLED.to_vec(), "the bundled guest".to_string()),
+        None => (
+            guest_image::BUNDLED.to_vec(),
+            "the bundled guest".to_string(),
+        ),
     };
     boot::check_elf(&image, &what, args.memory)?;
     let kvm = open_kvm(&args.kvm_device)?;
@@ -102,15 +121,24 @@ pub fn run(args: &RunArgs) -> Result<u8, Error> {
     let started = Instant::now();
 
     let vm = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), args.memory as usize)])
-        .map_err(|e| Error::Crash(format!("cannot allocate {} MiB of guest memory: {e}", args.memory >> 20)))?;
+    let mem =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), args.memory as usize)]).map_err(|e| {
+            Error::Crash(format!(
+                "cannot allocate {} MiB of guest memory: {e}",
+                args.memory >> 20
+            ))
+        })?;
     register_memory(&vm, &mem)?;
     let entry = boot::load_pvh(&mem, &image, &what, &args.cmdline, args.memory)?;
 
-    let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
     let mut vcpus = Vec::new();
     for id in 0..args.vcpus {
-        let vcpu = vm.create_vcpu(id as u64).map_err(Error::kvm(format!("KVM_CREATE_VCPU {id}")))?;
+        let vcpu = vm
+            .create_vcpu(id as u64)
+            .map_err(Error::kvm(format!("KVM_CREATE_VCPU {id}")))?;
         let mut c = cpuid.clone();
         for e in c.as_mut_slice() {
             match e.function {
@@ -136,7 +164,12 @@ pub fn run(args: &RunArgs) -> Result<u8, Error> {
         outcome: Mutex::new(None),
         exit_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::io("eventfd"))?,
     });
-    info!("booting {what}: {} MiB, {} vcpu(s), entry {:#x}", args.memory >> 20, args.vcpus, entry.pvh_entry);
+    info!(
+        "booting {what}: {} MiB, {} vcpu(s), entry {:#x}",
+        args.memory >> 20,
+        args.vcpus,
+        entry.pvh_entry
+    );
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let s = shared.clone();
         std::thread::Builder::new()
@@ -151,7 +184,10 @@ pub fn run(args: &RunArgs) -> Result<u8, Error> {
         Outcome::Exit(s) => *s,
         Outcome::Crash(_) => crate::abi::STATUS_CRASH as u8,
     };
-    info!("guest finished in {:.3} s with status {status}", elapsed.as_secs_f64());
+    info!(
+        "guest finished in {:.3} s with status {status}",
+        elapsed.as_secs_f64()
+    );
     if let Some(p) = &args.stats_json {
         write_stats(p, &shared, status, &outcome, elapsed, &vm)?;
     }
@@ -173,7 +209,8 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Error> {
         };
         // SAFETY: the region stays mapped for as long as the VM exists (the
         // GuestMemoryMmap lives in `Shared`, which outlives every vCPU).
-        unsafe { vm.set_user_memory_region(r) }.map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        unsafe { vm.set_user_memory_region(r) }
+            .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())
 }
@@ -187,7 +224,11 @@ struct Monitor {
 
 impl MutEventSubscriber for Monitor {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if self.timer.as_ref().is_some_and(|t| t.as_raw_fd() == events.fd()) {
+        if self
+            .timer
+            .as_ref()
+            .is_some_and(|t| t.as_raw_fd() == events.fd())
+        {
             self.timed_out = true;
         } else {
             // Reading only resets the eventfd; the outcome is in `shared`.
@@ -211,30 +252,55 @@ fn monitor(shared: &Arc<Shared>, timeout: Option<f64>) -> Result<Outcome, Error>
         Some(secs) => {
             let timer_err = |e| Error::Crash(format!("cannot arm the --timeout timer: {e}"));
             let mut t = TimerFd::new().map_err(timer_err)?;
-            t.reset(Duration::from_secs_f64(secs), None).map_err(timer_err)?;
+            t.reset(Duration::from_secs_f64(secs), None)
+                .map_err(timer_err)?;
             Some(t)
         }
         None => None,
     };
-    let mon = Arc::new(Mutex::new(Monitor { shared: shared.clone(), timer, timed_out: false }));
-    let mut em = EventManager::<Arc<Mutex<Monitor>>>::new().map_err(|e| Error::Crash(format!("event manager: {e:?}")))?;
+    let mon = Arc::new(Mutex::new(Monitor {
+        shared: shared.clone(),
+        timer,
+        timed_out: false,
+    }));
+    let mut em = EventManager::<Arc<Mutex<Monitor>>>::new()
+        .map_err(|e| Error::Crash(format!("event manager: {e:?}")))?;
     em.add_subscriber(mon.clone());
     loop {
-        if let Some(o) = shared.outcome.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        if let Some(o) = shared
+            .outcome
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
             return Ok(o);
         }
         if mon.lock().unwrap_or_else(|e| e.into_inner()).timed_out {
             let secs = timeout.unwrap_or_default();
-            let o = Outcome::Crash(format!("guest did not exit within the --timeout of {secs} s; stopped it"));
+            let o = Outcome::Crash(format!(
+                "guest did not exit within the --timeout of {secs} s; stopped it"
+            ));
             shared.finish(o.clone());
             return Ok(o);
         }
-        em.run_with_timeout(1000).map_err(|e| Error::Crash(format!("event manager: {e:?}")))?;
+        em.run_with_timeout(1000)
+            .map_err(|e| Error::Crash(format!("event manager: {e:?}")))?;
     }
 }
 
-fn write_stats(path: &Path, shared: &Shared, status: u8, outcome: &Outcome, elapsed: Duration, _vm: &VmFd) -> Result<(), Error> {
-    let tests = shared.tests.lock().unwrap_or_else(|e| e.into_inner()).clone();
+fn write_stats(
+    path: &Path,
+    shared: &Shared,
+    status: u8,
+    outcome: &Outcome,
+    elapsed: Duration,
+    _vm: &VmFd,
+) -> Result<(), Error> {
+    let tests = shared
+        .tests
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     let mut v = json!({
         "exit_status": status,
         "exits": shared.stats.exits.snapshot(),
@@ -247,6 +313,21 @@ fn write_stats(path: &Path, shared: &Shared, status: u8, outcome: &Outcome, elap
     if let Outcome::Crash(msg) = outcome {
         v["crash"] = json!(msg);
     }
-    let text = serde_json::to_string_pretty(&v).map_err(|e| Error::Crash(format!("stats JSON: {e}")))?;
+    let text =
+        serde_json::to_string_pretty(&v).map_err(|e| Error::Crash(format!("stats JSON: {e}")))?;
     std::fs::write(path, text + "\n").map_err(Error::io(format!("cannot write {}", path.display())))
+}
+
+#[cfg(test)]
+mod test {
+    use super::open_error;
+    use std::path::Path;
+
+    #[test]
+    fn kvm_open_errors_say_how_to_fix() {
+        let p = Path::new("/dev/kvm");
+        assert!(open_error(p, libc::ENOENT).contains("modprobe"));
+        assert!(open_error(p, libc::EACCES).contains("kvm group"));
+        assert!(open_error(p, libc::EIO).contains("/dev/kvm"));
+    }
 }

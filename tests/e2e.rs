@@ -1,0 +1,372 @@
+//! End-to-end tests: boot the guest under vkvm (and QEMU) and check its
+//! output, exit status and `--stats-json`.
+//!
+//! Tests that need KVM skip with a message when /dev/kvm cannot be opened,
+//! unless VKVM_REQUIRE_KVM=1 (CI sets it when /dev/kvm exists): then they fail.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const VKVM: &str = env!("CARGO_BIN_EXE_vkvm");
+
+fn kvm_usable() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok && std::env::var("VKVM_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!("VKVM_REQUIRE_KVM=1 but /dev/kvm cannot be opened");
+    }
+    if !ok {
+        eprintln!("skipping: /dev/kvm is not usable here");
+    }
+    ok
+}
+
+macro_rules! need_kvm {
+    () => {
+        if !kvm_usable() {
+            return;
+        }
+    };
+}
+
+struct Run {
+    out: Output,
+    stats: Option<Value>,
+    _dir: tempfile::TempDir,
+}
+
+impl Run {
+    fn status(&self) -> i32 {
+        self.out.status.code().expect("vkvm was killed by a signal")
+    }
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.out.stdout).into_owned()
+    }
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.out.stderr).into_owned()
+    }
+    fn stats(&self) -> &Value {
+        self.stats.as_ref().expect("no --stats-json written")
+    }
+    fn tests(&self) -> Vec<Value> {
+        self.stats()["tests"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// `vkvm run ARGS --stats-json TMP --timeout 60`.
+fn run(args: &[&str]) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let stats = dir.path().join("stats.json");
+    let out = Command::new(VKVM)
+        .arg("run")
+        .args(args)
+        .arg("--stats-json")
+        .arg(&stats)
+        .args(if args.contains(&"--timeout") {
+            &[][..]
+        } else {
+            &["--timeout", "60"][..]
+        })
+        .output()
+        .expect("run vkvm");
+    let stats = std::fs::read_to_string(&stats)
+        .ok()
+        .map(|s| serde_json::from_str(&s).expect("stats JSON parses"));
+    Run {
+        out,
+        stats,
+        _dir: dir,
+    }
+}
+
+fn assert_one_line_error(r: &Run, status: i32, needle: &str) {
+    assert_eq!(
+        r.status(),
+        status,
+        "stdout: {}\nstderr: {}",
+        r.stdout(),
+        r.stderr()
+    );
+    let err = r.stderr();
+    assert!(
+        err.contains(needle),
+        "stderr does not mention {needle:?}: {err}"
+    );
+    assert!(!err.contains("panicked"), "vkvm panicked: {err}");
+}
+
+#[test]
+fn bundled_guest_boots_to_ring3_and_passes_selfcheck() {
+    need_kvm!();
+    let r = run(&[]);
+    assert_eq!(r.status(), 0, "{}\n{}", r.stdout(), r.stderr());
+    let out = r.stdout();
+    assert!(out.contains("vkvm-guest 0.1"), "no banner: {out}");
+    assert!(out.contains("long mode, ring 3, on vkvm"), "{out}");
+    assert!(out.contains("cpu 0 (apic id"), "{out}");
+    let tests = r.tests();
+    assert_eq!(tests.len(), 1, "{tests:?}");
+    assert_eq!(tests[0]["name"], "selfcheck");
+    assert_eq!(tests[0]["status"], "pass");
+    assert_eq!(tests[0]["bytes"], 64 << 20);
+    let s = r.stats();
+    assert_eq!(s["exit_status"], 0);
+    assert!(s["exits"]["io_out"].as_u64().unwrap() > 0, "{s}");
+}
+
+#[test]
+fn injected_failure_names_the_address_and_exits_1() {
+    need_kvm!();
+    let r = run(&["--cmdline", "tests=selfcheck inject=selfcheck seed=7"]);
+    assert_eq!(r.status(), 1, "{}", r.stdout());
+    assert!(
+        r.stdout().contains("first wrong address 0x"),
+        "{}",
+        r.stdout()
+    );
+    let t = &r.tests()[0];
+    assert_eq!(t["status"], "fail");
+    assert!(t["detail"].as_str().unwrap().contains("expected 0x"), "{t}");
+}
+
+#[test]
+fn two_vcpus_each_run_a_ring3_task_and_report() {
+    need_kvm!();
+    let r = run(&["--vcpus", "2"]);
+    assert_eq!(r.status(), 0, "{}\n{}", r.stdout(), r.stderr());
+    assert!(r.stdout().contains("cpu 1 (apic id"), "{}", r.stdout());
+    let mut cpus: Vec<u64> = r
+        .tests()
+        .iter()
+        .map(|t| t["cpu"].as_u64().unwrap())
+        .collect();
+    cpus.sort();
+    assert_eq!(cpus, vec![0, 1]);
+    assert!(r
+        .tests()
+        .iter()
+        .all(|t| t["status"] == "pass" && t["bytes"] == 32 << 20));
+}
+
+#[test]
+fn memory_option_sizes_the_guest() {
+    need_kvm!();
+    let r = run(&["--memory", "64M"]);
+    assert_eq!(r.status(), 0, "{}", r.stderr());
+    assert!(
+        r.stdout().contains(", 63 MiB RAM") || r.stdout().contains(", 64 MiB RAM"),
+        "{}",
+        r.stdout()
+    );
+}
+
+#[test]
+fn pio_bench_reports_a_median() {
+    need_kvm!();
+    let r = run(&["--cmdline", "tests=pio-bench pio-iters=2000"]);
+    assert_eq!(r.status(), 0, "{}", r.stderr());
+    let t = &r.tests()[0];
+    assert_eq!(t["exits"], 2000);
+    assert!(t["median_cycles"].as_u64().unwrap() > 0);
+    assert!(r.stats()["exits"]["io_out"].as_u64().unwrap() >= 2000);
+}
+
+#[test]
+fn hostile_hypercalls_get_error_codes_and_the_vm_keeps_running() {
+    need_kvm!();
+    let r = run(&["--cmdline", "tests=bad-hypercall,selfcheck"]);
+    assert_eq!(r.status(), 0, "{}\n{}", r.stdout(), r.stderr());
+    assert!(r.stderr().contains("unknown hypercall"), "{}", r.stderr());
+    assert!(r.stats()["bad_hypercalls"].as_u64().unwrap() >= 4);
+    assert_eq!(r.tests().len(), 2);
+}
+
+#[test]
+fn unknown_test_is_reported_by_the_guest_with_status_2() {
+    need_kvm!();
+    let r = run(&["--cmdline", "tests=selfcheck,no-such-test"]);
+    assert_eq!(r.status(), 2);
+    assert!(
+        r.stdout().contains("unknown test 'no-such-test'"),
+        "{}",
+        r.stdout()
+    );
+}
+
+#[test]
+fn guest_exception_is_a_crash_with_status_3() {
+    need_kvm!();
+    let r = run(&["--cmdline", "tests=crash"]);
+    assert_eq!(r.status(), 3);
+    assert!(
+        r.stdout().contains("guest exception: vector 14"),
+        "{}",
+        r.stdout()
+    );
+}
+
+#[test]
+fn triple_fault_prints_registers_and_exits_3() {
+    need_kvm!();
+    let r = run(&["--cmdline", "tests=triple-fault"]);
+    assert_one_line_error(&r, 3, "guest triple fault");
+    assert!(
+        r.stderr().contains("rip=0x") && r.stderr().contains("cr3="),
+        "{}",
+        r.stderr()
+    );
+    assert_eq!(r.stats()["exits"]["shutdown"], 1);
+}
+
+#[test]
+fn timeout_stops_a_guest_that_never_exits() {
+    need_kvm!();
+    let r = run(&["--cmdline", "tests=hang", "--timeout", "1"]);
+    assert_one_line_error(&r, 3, "did not exit within");
+}
+
+#[test]
+fn missing_kvm_device_says_how_to_fix_it() {
+    let r = run(&["--kvm-device", "/nonexistent/kvm"]);
+    assert_one_line_error(&r, 2, "modprobe");
+}
+
+#[test]
+fn a_file_that_is_not_kvm_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvm");
+    std::fs::write(&f, b"").unwrap();
+    let r = run(&["--kvm-device", f.to_str().unwrap()]);
+    assert_one_line_error(&r, 2, "cannot use");
+}
+
+#[test]
+fn missing_guest_is_named() {
+    let r = run(&["/no/such/guest.elf"]);
+    assert_one_line_error(&r, 2, "/no/such/guest.elf");
+}
+
+#[test]
+fn non_elf_guest_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("script.sh");
+    std::fs::write(&f, b"#!/bin/sh\necho not a kernel\n").unwrap();
+    let r = run(&[f.to_str().unwrap()]);
+    assert_one_line_error(&r, 2, "not an ELF");
+}
+
+fn bundled_guest(dir: &Path) -> PathBuf {
+    let p = dir.join("guest.elf");
+    let st = Command::new(VKVM)
+        .args(["guest", "--output"])
+        .arg(&p)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    p
+}
+
+#[test]
+fn guest_subcommand_writes_a_bootable_elf() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = bundled_guest(dir.path());
+    let bytes = std::fs::read(&p).unwrap();
+    assert_eq!(&bytes[..4], b"\x7fELF");
+    if !kvm_usable() {
+        return;
+    }
+    let r = run(&[p.to_str().unwrap()]);
+    assert_eq!(r.status(), 0, "{}", r.stderr());
+}
+
+#[test]
+fn elf_without_pvh_note_is_refused() {
+    need_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let p = bundled_guest(dir.path());
+    let mut bytes = std::fs::read(&p).unwrap();
+    let note: &[u8] = &[4, 0, 0, 0, 4, 0, 0, 0, 18, 0, 0, 0, b'X', b'e', b'n', 0];
+    let at = bytes
+        .windows(note.len())
+        .position(|w| w == note)
+        .expect("PVH note in the bundled guest");
+    bytes[at + 8] = 17;
+    std::fs::write(&p, &bytes).unwrap();
+    let r = run(&[p.to_str().unwrap()]);
+    assert_one_line_error(&r, 2, "no PVH entry note");
+}
+
+#[test]
+fn bad_memory_sizes_are_refused() {
+    let r = run(&["--memory", "1000001"]);
+    assert_one_line_error(&r, 2, "multiple of 4 KiB");
+    let r = run(&["--memory", "2M"]);
+    assert_one_line_error(&r, 2, "too small");
+    let r = run(&["--memory", "lots"]);
+    assert_one_line_error(&r, 2, "not a size");
+}
+
+#[test]
+fn bad_vcpu_counts_are_refused() {
+    let r = run(&["--vcpus", "0"]);
+    assert_one_line_error(&r, 2, "--vcpus 0");
+    need_kvm!();
+    let r = run(&["--vcpus", "100000"]);
+    assert_one_line_error(&r, 2, "out of range");
+}
+
+#[test]
+fn same_guest_boots_under_qemu() {
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var("VKVM_REQUIRE_QEMU").as_deref() != Ok("1"),
+            "VKVM_REQUIRE_QEMU=1 but qemu-system-x86_64 is not installed"
+        );
+        eprintln!("skipping: qemu-system-x86_64 is not installed");
+        return;
+    }
+    need_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let p = bundled_guest(dir.path());
+    let out = Command::new("timeout")
+        .args([
+            "120",
+            "qemu-system-x86_64",
+            "-M",
+            "microvm,x-option-roms=off,rtc=off",
+            "-accel",
+            "kvm",
+            "-m",
+            "256",
+        ])
+        .args(["-nographic", "-no-reboot", "-kernel"])
+        .arg(&p)
+        .args([
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-append",
+            "tests=selfcheck",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("on another VMM"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("test selfcheck cpu 0: pass"), "{stdout}");
+    // isa-debug-exit: status 0 from the guest becomes (0 << 1) | 1.
+    assert_eq!(out.status.code(), Some(1));
+}
