@@ -4,103 +4,10 @@
 //! Tests that need KVM skip with a message when /dev/kvm cannot be opened,
 //! unless VKVM_REQUIRE_KVM=1 (CI sets it when /dev/kvm exists): then they fail.
 
-use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-const VKVM: &str = env!("CARGO_BIN_EXE_vkvm");
-
-fn kvm_usable() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok && std::env::var("VKVM_REQUIRE_KVM").as_deref() == Ok("1") {
-        panic!("VKVM_REQUIRE_KVM=1 but /dev/kvm cannot be opened");
-    }
-    if !ok {
-        eprintln!("skipping: /dev/kvm is not usable here");
-    }
-    ok
-}
-
-macro_rules! need_kvm {
-    () => {
-        if !kvm_usable() {
-            return;
-        }
-    };
-}
-
-struct Run {
-    out: Output,
-    stats: Option<Value>,
-    _dir: tempfile::TempDir,
-}
-
-impl Run {
-    fn status(&self) -> i32 {
-        self.out.status.code().expect("vkvm was killed by a signal")
-    }
-    fn stdout(&self) -> String {
-        String::from_utf8_lossy(&self.out.stdout).into_owned()
-    }
-    fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.out.stderr).into_owned()
-    }
-    fn stats(&self) -> &Value {
-        self.stats.as_ref().expect("no --stats-json written")
-    }
-    fn tests(&self) -> Vec<Value> {
-        self.stats()["tests"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-    }
-}
-
-/// `vkvm run ARGS --stats-json TMP --timeout 60`.
-fn run(args: &[&str]) -> Run {
-    let dir = tempfile::tempdir().unwrap();
-    let stats = dir.path().join("stats.json");
-    let out = Command::new(VKVM)
-        .arg("run")
-        .args(args)
-        .arg("--stats-json")
-        .arg(&stats)
-        .args(if args.contains(&"--timeout") {
-            &[][..]
-        } else {
-            &["--timeout", "60"][..]
-        })
-        .output()
-        .expect("run vkvm");
-    let stats = std::fs::read_to_string(&stats)
-        .ok()
-        .map(|s| serde_json::from_str(&s).expect("stats JSON parses"));
-    Run {
-        out,
-        stats,
-        _dir: dir,
-    }
-}
-
-fn assert_one_line_error(r: &Run, status: i32, needle: &str) {
-    assert_eq!(
-        r.status(),
-        status,
-        "stdout: {}\nstderr: {}",
-        r.stdout(),
-        r.stderr()
-    );
-    let err = r.stderr();
-    assert!(
-        err.contains(needle),
-        "stderr does not mention {needle:?}: {err}"
-    );
-    assert!(!err.contains("panicked"), "vkvm panicked: {err}");
-}
+use common::*;
+use std::process::Command;
 
 #[test]
 fn bundled_guest_boots_to_ring3_and_passes_selfcheck() {
@@ -260,17 +167,6 @@ fn non_elf_guest_is_refused() {
     std::fs::write(&f, b"#!/bin/sh\necho not a kernel\n").unwrap();
     let r = run(&[f.to_str().unwrap()]);
     assert_one_line_error(&r, 2, "not an ELF");
-}
-
-fn bundled_guest(dir: &Path) -> PathBuf {
-    let p = dir.join("guest.elf");
-    let st = Command::new(VKVM)
-        .args(["guest", "--output"])
-        .arg(&p)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    p
 }
 
 #[test]

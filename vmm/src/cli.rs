@@ -68,6 +68,9 @@ pub struct RunArgs {
     /// Write exit counts, test results and statistics as JSON at exit.
     #[arg(long, value_name = "PATH")]
     pub stats_json: Option<PathBuf>,
+    /// How to enter the guest: auto (alias: direct) detects the protocol from the image.
+    #[arg(long, value_enum, default_value_t = crate::boot::BootMode::Auto)]
+    pub boot: crate::boot::BootMode,
     /// The KVM device to open.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     pub kvm_device: PathBuf,
