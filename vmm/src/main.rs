@@ -10,6 +10,8 @@ mod exit;
 mod guest_image;
 mod hypercall;
 mod stats;
+#[allow(dead_code)] // used by the demand-paging backend (issue 4)
+mod uffd;
 mod vcpu;
 mod vm;
 
