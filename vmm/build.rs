@@ -9,13 +9,7 @@ fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("set by cargo"));
     let guest = manifest.join("../guest");
-    for f in [
-        "src",
-        "Cargo.toml",
-        "build.rs",
-        "linker.ld",
-        ".cargo/config.toml",
-    ] {
+    for f in ["src", "Cargo.toml", "build.rs", "linker.ld", ".cargo/config.toml"] {
         println!("cargo:rerun-if-changed={}", guest.join(f).display());
     }
     let elf = build_freestanding(&guest, &out.join("guest-target"), "vkvm-guest");
@@ -29,22 +23,15 @@ fn main() {
 fn build_freestanding(dir: &Path, target_dir: &Path, bin: &str) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(dir)
-        .args(["build", "--release", "--target-dir"])
-        .arg(target_dir);
+    cmd.current_dir(dir).args(["build", "--release", "--target-dir"]).arg(target_dir);
     // The outer build's settings (flags, target dir, wrappers) must not leak in.
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy().into_owned();
-        if (k.starts_with("CARGO_") && k != "CARGO_HOME")
-            || k.starts_with("RUSTC_")
-            || k == "RUSTFLAGS"
-        {
+        if (k.starts_with("CARGO_") && k != "CARGO_HOME") || k.starts_with("RUSTC_") || k == "RUSTFLAGS" {
             cmd.env_remove(&k);
         }
     }
     let status = cmd.status().expect("run cargo for the guest");
     assert!(status.success(), "building {} failed", dir.display());
-    target_dir
-        .join("x86_64-unknown-linux-gnu/release")
-        .join(bin)
+    target_dir.join("x86_64-unknown-linux-gnu/release").join(bin)
 }

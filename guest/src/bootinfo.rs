@@ -34,10 +34,7 @@ pub struct BootInfo {
 /// Anything that does not look like a PVH start info yields no cmdline and
 /// only the RAM the image itself occupies.
 pub fn parse(addr: u64, image_end: u64) -> BootInfo {
-    let mut bi = BootInfo {
-        cmdline: &[],
-        ram_end: image_end,
-    };
+    let mut bi = BootInfo { cmdline: &[], ram_end: image_end };
     if addr == 0 {
         return bi;
     }

@@ -16,43 +16,21 @@ pub struct Test {
     pub run: fn(&Ctx) -> Outcome,
 }
 
+const fn t(name: &'static str, about: &'static str, all_cpus: bool, run: fn(&Ctx) -> Outcome) -> Test {
+    Test { name, about, all_cpus, run }
+}
+
+#[rustfmt::skip]
 pub static ALL: &[Test] = &[
-    Test {
-        name: "selfcheck",
-        about: "write and verify 64 MiB with address-derived values",
-        all_cpus: true,
-        run: selfcheck,
-    },
-    Test {
-        name: "pio-bench",
-        about: "median PIO exit round trip from ring 3 (rdtsc)",
-        all_cpus: false,
-        run: pio_bench,
-    },
-    Test {
-        name: "bad-hypercall",
-        about: "hostile hypercall arguments get error codes",
-        all_cpus: false,
-        run: bad_hypercall,
-    },
-    Test {
-        name: "crash",
-        about: "ring-3 access to an unmapped address: the kernel reports a crash",
-        all_cpus: false,
-        run: crash,
-    },
-    Test {
-        name: "triple-fault",
-        about: "wreck the IDT and fault: the VM shuts down",
-        all_cpus: false,
-        run: triple_fault,
-    },
-    Test {
-        name: "hang",
-        about: "never finish (for --timeout)",
-        all_cpus: false,
-        run: hang,
-    },
+    t("selfcheck", "write and verify 64 MiB with address-derived values", true, selfcheck),
+    t("pio-bench", "median PIO exit round trip from ring 3 (rdtsc)", false, pio_bench),
+    t("exit-storm", "PIO out, port read and hypercall loops: median cycles of each", false, exit_storm),
+    t("seq-touch", "first touch of every arena page in order: cycles per page", false, seq_touch),
+    t("random-touch", "first touch of every arena page in a seeded random order", false, random_touch),
+    t("bad-hypercall", "hostile hypercall arguments get error codes", false, bad_hypercall),
+    t("crash", "ring-3 access to an unmapped address: the kernel reports a crash", false, crash),
+    t("triple-fault", "wreck the IDT and fault: the VM shuts down", false, triple_fault),
+    t("hang", "never finish (for --timeout)", false, hang),
 ];
 
 pub fn find(name: &[u8]) -> Option<&'static Test> {
@@ -68,12 +46,7 @@ pub struct Outcome {
 
 impl Outcome {
     fn new() -> Self {
-        Outcome {
-            pass: true,
-            counters: [("", 0); abi::MAX_COUNTERS],
-            n: 0,
-            detail: Line::new(),
-        }
+        Outcome { pass: true, counters: [("", 0); abi::MAX_COUNTERS], n: 0, detail: Line::new() }
     }
     fn count(&mut self, k: &'static str, v: u64) -> &mut Self {
         if self.n < abi::MAX_COUNTERS {
@@ -102,29 +75,10 @@ pub struct Ctx {
 
 impl Ctx {
     pub const fn empty() -> Self {
-        Ctx {
-            cpu: 0,
-            ncpus: 1,
-            seed: 0,
-            arena_start: 0,
-            arena_end: 0,
-            cmdline: &[],
-        }
+        Ctx { cpu: 0, ncpus: 1, seed: 0, arena_start: 0, arena_end: 0, cmdline: &[] }
     }
-    pub fn from_cmdline(
-        cmdline: &'static [u8],
-        arena_start: u64,
-        ram_end: u64,
-        ncpus: usize,
-    ) -> Self {
-        let mut c = Ctx {
-            cpu: 0,
-            ncpus,
-            seed: 1,
-            arena_start,
-            arena_end: ram_end.max(arena_start),
-            cmdline,
-        };
+    pub fn from_cmdline(cmdline: &'static [u8], arena_start: u64, ram_end: u64, ncpus: usize) -> Self {
+        let mut c = Ctx { cpu: 0, ncpus, seed: 1, arena_start, arena_end: ram_end.max(arena_start), cmdline };
         if let Some(v) = c.opt(b"seed") {
             c.seed = parse_u64(v).unwrap_or(1);
         }
@@ -146,8 +100,7 @@ impl Ctx {
     }
     /// `inject=NAME` asks test NAME to corrupt its own data so that it must fail.
     fn inject(&self, name: &str) -> bool {
-        self.opt(b"inject")
-            .is_some_and(|v| v.split(|&c| c == b',').any(|n| n == name.as_bytes()))
+        self.opt(b"inject").is_some_and(|v| v.split(|&c| c == b',').any(|n| n == name.as_bytes()))
     }
     /// This CPU's equal share of `len` bytes of the arena (page aligned).
     fn slice(&self, len: u64) -> (u64, u64) {
@@ -181,11 +134,7 @@ pub fn splitmix64(mut x: u64) -> u64 {
 /// Print the result line and, under vkvm, send the report hypercall.
 pub fn report(cpu: usize, name: &str, out: &Outcome) {
     let mut l = Line::new();
-    l.s("test ")
-        .s(name)
-        .s(" cpu ")
-        .dec(cpu as u64)
-        .s(if out.pass { ": pass" } else { ": FAIL" });
+    l.s("test ").s(name).s(" cpu ").dec(cpu as u64).s(if out.pass { ": pass" } else { ": FAIL" });
     for &(k, v) in &out.counters[..out.n] {
         l.s(" ").s(k).s("=").dec(v);
     }
@@ -199,11 +148,7 @@ pub fn report(cpu: usize, name: &str, out: &Outcome) {
     }
     let mut r = TestReport {
         name: [0; abi::NAME_LEN],
-        status: if out.pass {
-            abi::TEST_PASS
-        } else {
-            abi::TEST_FAIL
-        },
+        status: if out.pass { abi::TEST_PASS } else { abi::TEST_FAIL },
         cpu: cpu as u32,
         ncounters: out.n as u32,
         _pad: 0,
@@ -217,11 +162,7 @@ pub fn report(cpu: usize, name: &str, out: &Outcome) {
         r.counters[i] = v;
     }
     copy_str(&mut r.detail, out.detail.as_bytes());
-    hypercall(
-        cpu,
-        abi::nr::REPORT,
-        &[&r as *const _ as u64, abi::TEST_REPORT_SIZE as u64],
-    );
+    hypercall(cpu, abi::nr::REPORT, &[&r as *const _ as u64, abi::TEST_REPORT_SIZE as u64]);
 }
 
 fn copy_str(dst: &mut [u8], src: &[u8]) {
@@ -254,18 +195,11 @@ pub fn fill_and_verify(ctx: &Ctx, name: &str, start: u64, end: u64, out: &mut Ou
         let found = unsafe { (a as *const u64).read_volatile() };
         let want = pattern(a, ctx.seed);
         if found != want {
-            out.fail()
-                .s("first wrong address ")
-                .hex(a)
-                .s(" expected ")
-                .hex(want)
-                .s(" found ")
-                .hex(found);
+            out.fail().s("first wrong address ").hex(a).s(" expected ").hex(want).s(" found ").hex(found);
             break;
         }
     }
-    out.count("bytes", end - start)
-        .count("pages", (end - start) / 4096);
+    out.count("bytes", end - start).count("pages", (end - start) / 4096);
 }
 
 fn selfcheck(ctx: &Ctx) -> Outcome {
@@ -278,11 +212,7 @@ fn selfcheck(ctx: &Ctx) -> Outcome {
 fn pio_bench(ctx: &Ctx) -> Outcome {
     const MAX: usize = 1 << 16;
     static mut SAMPLES: [u32; MAX] = [0; MAX];
-    let iters = ctx
-        .opt(b"pio-iters")
-        .and_then(parse_u64)
-        .unwrap_or(10_000)
-        .clamp(1, MAX as u64) as usize;
+    let iters = ctx.opt(b"pio-iters").and_then(parse_u64).unwrap_or(10_000).clamp(1, MAX as u64) as usize;
     // SAFETY: only CPU 0 runs this test.
     let s = unsafe { &mut *(&raw mut SAMPLES) };
     for v in s.iter_mut().take(iters) {
@@ -296,9 +226,7 @@ fn pio_bench(ctx: &Ctx) -> Outcome {
     let p90 = s[iters * 9 / 10] as u64;
     let khz = tsc_khz();
     let mut out = Outcome::new();
-    out.count("exits", iters as u64)
-        .count("median_cycles", median)
-        .count("p90_cycles", p90);
+    out.count("exits", iters as u64).count("median_cycles", median).count("p90_cycles", p90);
     out.count("tsc_khz", khz);
     if let Some(ns) = (median * 1_000_000).checked_div(khz) {
         out.count("median_ns", ns);
@@ -327,35 +255,11 @@ fn bad_hypercall(ctx: &Ctx) -> Outcome {
     let c = ctx.cpu;
     let ok = b"bad-hypercall: console ok\n";
     let checks: [(&str, i64, i64); 5] = [
-        (
-            "beyond-ram",
-            hypercall(c, abi::nr::CONSOLE_WRITE, &[ctx.arena_end + (1 << 30), 16]),
-            -abi::EFAULT,
-        ),
-        (
-            "wrapping",
-            hypercall(c, abi::nr::CONSOLE_WRITE, &[u64::MAX - 4, 16]),
-            -abi::EFAULT,
-        ),
-        (
-            "too-long",
-            hypercall(
-                c,
-                abi::nr::CONSOLE_WRITE,
-                &[ok.as_ptr() as u64, abi::MAX_CONSOLE + 1],
-            ),
-            -abi::E2BIG,
-        ),
+        ("beyond-ram", hypercall(c, abi::nr::CONSOLE_WRITE, &[ctx.arena_end + (1 << 30), 16]), -abi::EFAULT),
+        ("wrapping", hypercall(c, abi::nr::CONSOLE_WRITE, &[u64::MAX - 4, 16]), -abi::EFAULT),
+        ("too-long", hypercall(c, abi::nr::CONSOLE_WRITE, &[ok.as_ptr() as u64, abi::MAX_CONSOLE + 1]), -abi::E2BIG),
         ("unknown-nr", hypercall(c, 0x7777, &[]), -abi::ENOSYS),
-        (
-            "valid",
-            hypercall(
-                c,
-                abi::nr::CONSOLE_WRITE,
-                &[ok.as_ptr() as u64, ok.len() as u64],
-            ),
-            ok.len() as i64,
-        ),
+        ("valid", hypercall(c, abi::nr::CONSOLE_WRITE, &[ok.as_ptr() as u64, ok.len() as u64]), ok.len() as i64),
     ];
     for (what, got, want) in checks {
         if got != want {
@@ -389,6 +293,99 @@ fn triple_fault(_ctx: &Ctx) -> Outcome {
     let mut out = Outcome::new();
     out.fail().s("ud2 did not fault");
     out
+}
+
+/// Median and 99th percentile of the cycles `f` takes (samples in `buf`).
+fn median_cycles(buf: &mut [u32], mut f: impl FnMut()) -> (u64, u64) {
+    for v in buf.iter_mut() {
+        let t0 = rdtsc();
+        f();
+        *v = (rdtsc() - t0).min(u32::MAX as u64) as u32;
+    }
+    buf.sort_unstable();
+    (buf[buf.len() / 2] as u64, buf[buf.len() * 99 / 100] as u64)
+}
+
+fn exit_storm(ctx: &Ctx) -> Outcome {
+    const MAX: usize = 1 << 16;
+    static mut SAMPLES: [u32; MAX] = [0; MAX];
+    let iters = ctx.opt(b"storm-iters").and_then(parse_u64).unwrap_or(5_000).clamp(1, MAX as u64) as usize;
+    // SAFETY: only CPU 0 runs this test.
+    let s = unsafe { &mut (&mut *(&raw mut SAMPLES))[..iters] };
+    let mut out = Outcome::new();
+    let (pio, pio99) = median_cycles(s, || platform::outb(abi::NULL_PORT, 0));
+    let (pin, _) = median_cycles(s, || {
+        platform::inl(abi::HC_PORT);
+    });
+    out.count("exits", 3 * iters as u64).count("pio_out_p50", pio).count("pio_out_p99", pio99);
+    out.count("pio_in_p50", pin);
+    if platform::is_vkvm() {
+        let (hc, hc99) = median_cycles(s, || {
+            hypercall(ctx.cpu, abi::nr::VERSION, &[]);
+        });
+        out.count("hcall_p50", hc).count("hcall_p99", hc99);
+    }
+    out.count("tsc_khz", tsc_khz());
+    out
+}
+
+/// Arena bytes the touch tests use (`touch-mib=N`, default all of it).
+fn touch_range(ctx: &Ctx) -> (u64, u64) {
+    let limit = ctx.opt(b"touch-mib").and_then(parse_u64).map(|m| m << 20).unwrap_or(u64::MAX);
+    ctx.slice(limit)
+}
+
+/// Write one word in each arena page, in the order `index(i)`, time it,
+/// then check every word; report cycles per page.
+fn touch(ctx: &Ctx, index: impl Fn(u64) -> u64) -> Outcome {
+    let (start, end) = touch_range(ctx);
+    let pages = (end - start) / 4096;
+    let t0 = rdtsc();
+    for i in 0..pages {
+        let a = start + index(i) * 4096;
+        // SAFETY: arena memory reserved for tests.
+        unsafe { (a as *mut u64).write_volatile(a ^ ctx.seed) };
+    }
+    let cycles = rdtsc() - t0;
+    let mut out = Outcome::new();
+    for i in 0..pages {
+        let a = start + i * 4096;
+        // SAFETY: as above.
+        let found = unsafe { (a as *const u64).read_volatile() };
+        if found != a ^ ctx.seed {
+            out.fail().s("first wrong address ").hex(a).s(" expected ").hex(a ^ ctx.seed).s(" found ").hex(found);
+            break;
+        }
+    }
+    let khz = tsc_khz();
+    out.count("pages", pages).count("cycles_per_page", cycles / pages.max(1)).count("tsc_khz", khz);
+    if let Some(ns) = (cycles * 1_000 / pages.max(1)).checked_div(khz / 1000) {
+        out.count("ns_per_page", ns);
+    }
+    out
+}
+
+fn seq_touch(ctx: &Ctx) -> Outcome {
+    touch(ctx, |i| i)
+}
+
+fn random_touch(ctx: &Ctx) -> Outcome {
+    let (start, end) = touch_range(ctx);
+    let n = ((end - start) / 4096).max(1);
+    // i -> (i * step + off) mod n is a permutation when gcd(step, n) = 1.
+    let mut step = (splitmix64(ctx.seed) % n) | 1;
+    while gcd(step, n) != 1 {
+        step += 2;
+    }
+    let off = splitmix64(ctx.seed ^ 1) % n;
+    touch(ctx, move |i| ((i as u128 * step as u128 + off as u128) % n as u128) as u64)
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 fn hang(_ctx: &Ctx) -> Outcome {

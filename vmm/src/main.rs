@@ -9,6 +9,7 @@ mod error;
 mod exit;
 mod guest_image;
 mod hypercall;
+mod profile;
 mod stats;
 #[allow(dead_code)] // used by the demand-paging backend (issue 4)
 mod uffd;
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
         .init();
     let status = match cli.command {
         cli::Command::Run(args) => vm::run(&args),
+        cli::Command::Profile { mut run, out } => profile::command(&mut run, &out),
         cli::Command::Guest { output } => guest_image::write(&output).map(|()| 0),
     };
     match status {

@@ -148,10 +148,7 @@ impl Uffd {
         // SAFETY: plain syscall; the result is checked.
         let mut fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) } as RawFd;
         if fd < 0 {
-            let dev = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/userfaultfd")?;
+            let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/userfaultfd")?;
             // SAFETY: USERFAULTFD_IOC_NEW takes the flags by value.
             fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW(), flags) };
             if fd < 0 {
@@ -160,26 +157,16 @@ impl Uffd {
         }
         // SAFETY: fd is a new descriptor we own.
         let file = unsafe { File::from_raw_fd(fd) };
-        let mut api = uffdio_api {
-            api: UFFD_API,
-            features,
-            ioctls: 0,
-        };
+        let mut api = uffdio_api { api: UFFD_API, features, ioctls: 0 };
         // SAFETY: the kernel reads and writes `api`, which outlives the call.
         check(unsafe { ioctl_with_mut_ref(&file, UFFDIO_API(), &mut api) })?;
         if api.features & features != features {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                format!(
-                    "kernel lacks userfaultfd features {:#x}",
-                    features & !api.features
-                ),
+                format!("kernel lacks userfaultfd features {:#x}", features & !api.features),
             ));
         }
-        Ok(Uffd {
-            file,
-            features: api.features,
-        })
+        Ok(Uffd { file, features: api.features })
     }
 
     pub fn features(&self) -> u64 {
@@ -207,23 +194,13 @@ impl Uffd {
     /// Copy `len` bytes from `src` into the registered range at `dst` and
     /// wake the waiters; EEXIST means another resolution got there first.
     pub fn copy(&self, dst: u64, src: *const u8, len: u64, write_protect: bool) -> io::Result<()> {
-        let mut c = uffdio_copy {
-            dst,
-            src: src as u64,
-            len,
-            mode: write_protect as u64 * COPY_MODE_WP,
-            copy: 0,
-        };
+        let mut c = uffdio_copy { dst, src: src as u64, len, mode: write_protect as u64 * COPY_MODE_WP, copy: 0 };
         // SAFETY: the caller guarantees `src` is readable for `len` bytes.
         check(unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_COPY(), &mut c) })
     }
 
     pub fn zeropage(&self, start: u64, len: u64) -> io::Result<()> {
-        let mut z = uffdio_zeropage {
-            range: uffdio_range { start, len },
-            mode: 0,
-            zeropage: 0,
-        };
+        let mut z = uffdio_zeropage { range: uffdio_range { start, len }, mode: 0, zeropage: 0 };
         // SAFETY: as in new().
         check(unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_ZEROPAGE(), &mut z) })
     }
@@ -241,10 +218,8 @@ impl Uffd {
 
     /// Set or clear write protection on mapped pages of a WP-registered range.
     pub fn write_protect(&self, start: u64, len: u64, protect: bool) -> io::Result<()> {
-        let mut w = uffdio_writeprotect {
-            range: uffdio_range { start, len },
-            mode: protect as u64 * WRITEPROTECT_MODE_WP,
-        };
+        let mut w =
+            uffdio_writeprotect { range: uffdio_range { start, len }, mode: protect as u64 * WRITEPROTECT_MODE_WP };
         // SAFETY: as in new().
         check(unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_WRITEPROTECT(), &mut w) })
     }
@@ -265,11 +240,7 @@ impl Uffd {
         let n = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), want) };
         if n < 0 {
             let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::WouldBlock {
-                Ok(0)
-            } else {
-                Err(e)
-            };
+            return if e.kind() == io::ErrorKind::WouldBlock { Ok(0) } else { Err(e) };
         }
         let count = n as usize / MSG;
         for (i, slot) in out.iter_mut().enumerate().take(count) {
@@ -297,14 +268,8 @@ fn decode(m: &[u8]) -> Event {
                 minor: flags & PAGEFAULT_FLAG_MINOR != 0,
             }
         }
-        EVENT_REMOVE => Event::Remove {
-            start: u64_at(8),
-            end: u64_at(16),
-        },
-        EVENT_UNMAP => Event::Unmap {
-            start: u64_at(8),
-            end: u64_at(16),
-        },
+        EVENT_REMOVE => Event::Remove { start: u64_at(8), end: u64_at(16) },
+        EVENT_UNMAP => Event::Unmap { start: u64_at(8), end: u64_at(16) },
         other => Event::Other(other),
     }
 }
@@ -349,20 +314,9 @@ mod test {
             let fd = libc::memfd_create(c"uffd-test".as_ptr(), libc::MFD_CLOEXEC);
             assert!(fd >= 0);
             assert_eq!(libc::ftruncate(fd, len as i64), 0);
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            );
+            let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0);
             assert_ne!(p, libc::MAP_FAILED);
-            Shm {
-                fd: File::from_raw_fd(fd),
-                addr: p.cast(),
-                len,
-            }
+            Shm { fd: File::from_raw_fd(fd), addr: p.cast(), len }
         }
     }
 
@@ -393,15 +347,7 @@ mod test {
             panic!("userfaultfd unavailable (needs root or vm.unprivileged_userfaultfd=1)");
         };
         let m = shm(4);
-        u.register(
-            m.addr as u64,
-            m.len as u64,
-            Mode {
-                missing: true,
-                ..Mode::default()
-            },
-        )
-        .unwrap();
+        u.register(m.addr as u64, m.len as u64, Mode { missing: true, ..Mode::default() }).unwrap();
         let u = Arc::new(u);
         let stop = Arc::new(AtomicBool::new(false));
         let h = serve(u.clone(), stop.clone(), |u, e| {
@@ -421,10 +367,7 @@ mod test {
     #[test]
     fn minor_and_write_protect_faults_reach_the_handler() {
         let u = Uffd::new(
-            FEATURE_MISSING_SHMEM
-                | FEATURE_MINOR_SHMEM
-                | FEATURE_PAGEFAULT_FLAG_WP
-                | FEATURE_WP_HUGETLBFS_SHMEM,
+            FEATURE_MISSING_SHMEM | FEATURE_MINOR_SHMEM | FEATURE_PAGEFAULT_FLAG_WP | FEATURE_WP_HUGETLBFS_SHMEM,
         )
         .expect("userfaultfd with minor and write-protect faults on shmem");
         let m = shm(2);
@@ -443,11 +386,7 @@ mod test {
             (q as *mut u8).write_volatile(0x11);
             libc::munmap(q, 4096);
         }
-        let mode = Mode {
-            missing: true,
-            write_protect: true,
-            minor: true,
-        };
+        let mode = Mode { missing: true, write_protect: true, minor: true };
         u.register(m.addr as u64, m.len as u64, mode).unwrap();
         let u = Arc::new(u);
         let stop = Arc::new(AtomicBool::new(false));
@@ -455,10 +394,7 @@ mod test {
         let s2 = seen.clone();
         let h = serve(u.clone(), stop.clone(), move |u, e| {
             s2.lock().unwrap().push(e);
-            if let Event::PageFault {
-                addr, wp, minor, ..
-            } = e
-            {
+            if let Event::PageFault { addr, wp, minor, .. } = e {
                 if minor {
                     u.continue_(addr, 4096, true).unwrap(); // map it write-protected
                 } else if wp {
@@ -476,19 +412,7 @@ mod test {
         h.join().unwrap();
         let ev = seen.lock().unwrap().clone();
         let a = m.addr as u64;
-        assert!(
-            ev.contains(&Event::PageFault {
-                addr: a,
-                write: false,
-                wp: false,
-                minor: true
-            }),
-            "{ev:?}"
-        );
-        assert!(
-            ev.iter()
-                .any(|e| matches!(e, Event::PageFault { addr, wp: true, .. } if *addr == a)),
-            "{ev:?}"
-        );
+        assert!(ev.contains(&Event::PageFault { addr: a, write: false, wp: false, minor: true }), "{ev:?}");
+        assert!(ev.iter().any(|e| matches!(e, Event::PageFault { addr, wp: true, .. } if *addr == a)), "{ev:?}");
     }
 }

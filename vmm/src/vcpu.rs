@@ -9,17 +9,25 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use log::{debug, warn};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 pub fn run(shared: Arc<Shared>, mut vcpu: VcpuFd, id: u32) {
+    let recorder = shared.profile.as_ref().and_then(|p| p.vcpus.get(id as usize));
     while !shared.finished() {
-        let action = match vcpu.run() {
+        let entered = recorder.map(|_| Instant::now());
+        let result = vcpu.run();
+        let returned = recorder.map(|_| Instant::now());
+        let (reason, action) = match result {
             Ok(exit) => handle_exit(&shared, id, exit),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 shared.stats.exits.count(Reason::Interrupted);
-                Step::Continue
+                (Reason::Interrupted, Step::Continue)
             }
-            Err(e) => Step::Stop(Outcome::Crash(format!("KVM_RUN failed on vcpu {id}: {e}"))),
+            Err(e) => (Reason::Other, Step::Stop(Outcome::Crash(format!("KVM_RUN failed on vcpu {id}: {e}")))),
         };
+        if let (Some(rec), Some(t0), Some(t1)) = (recorder, entered, returned) {
+            rec.lock().unwrap_or_else(|e| e.into_inner()).record(reason, t1 - t0, t1.elapsed());
+        }
         match action {
             Step::Continue => {}
             Step::Stop(o) => {
@@ -33,10 +41,7 @@ pub fn run(shared: Arc<Shared>, mut vcpu: VcpuFd, id: u32) {
                             let i = &vcpu.get_kvm_run().__bindgen_anon_1.internal;
                             (i.suberror, i.data[..(i.ndata as usize).min(16)].to_vec())
                         };
-                        Outcome::Crash(format!(
-                            "{msg}: suberror {sub} data {data:x?}\n{}",
-                            dump_registers(&vcpu)
-                        ))
+                        Outcome::Crash(format!("{msg}: suberror {sub} data {data:x?}\n{}", dump_registers(&vcpu)))
                     }
                     o => o,
                 };
@@ -58,78 +63,41 @@ enum Step {
     Stop(Outcome),
 }
 
-fn handle_exit(shared: &Shared, id: u32, exit: VcpuExit) -> Step {
-    let counts = &shared.stats.exits;
-    match exit {
-        VcpuExit::IoOut(port, data) => {
-            counts.count(Reason::IoOut);
-            io_out(shared, id, port, data)
-        }
+fn handle_exit(shared: &Shared, id: u32, exit: VcpuExit) -> (Reason, Step) {
+    let reason = Reason::of(&exit);
+    shared.stats.exits.count(reason);
+    let crash = |msg: String| Step::Stop(Outcome::Crash(msg));
+    let step = match exit {
+        VcpuExit::IoOut(port, data) => io_out(shared, id, port, data),
         VcpuExit::IoIn(port, data) => {
-            counts.count(Reason::IoIn);
             io_in(shared, port, data);
             Step::Continue
         }
         VcpuExit::MmioRead(addr, data) => {
-            counts.count(Reason::MmioRead);
-            warn!(
-                "vcpu {id}: read of {} bytes at unbacked address {addr:#x}",
-                data.len()
-            );
+            warn!("vcpu {id}: read of {} bytes at unbacked address {addr:#x}", data.len());
             data.fill(0xff);
             Step::Continue
         }
         VcpuExit::MmioWrite(addr, data) => {
-            counts.count(Reason::MmioWrite);
-            warn!(
-                "vcpu {id}: write of {} bytes to unbacked address {addr:#x} ignored",
-                data.len()
-            );
+            warn!("vcpu {id}: write of {} bytes to unbacked address {addr:#x} ignored", data.len());
             Step::Continue
         }
-        VcpuExit::Hlt => {
-            counts.count(Reason::Hlt);
-            Step::Park
-        }
-        VcpuExit::Shutdown => {
-            counts.count(Reason::Shutdown);
-            Step::Stop(Outcome::Crash(format!(
-                "guest triple fault (KVM_EXIT_SHUTDOWN) on vcpu {id}"
-            )))
-        }
-        VcpuExit::FailEntry(reason, cpu) => {
-            counts.count(Reason::FailEntry);
-            Step::Stop(Outcome::Crash(format!(
-                "KVM could not enter the guest on vcpu {id}: hardware entry failure reason {reason:#x} (host cpu {cpu})"
-            )))
-        }
-        VcpuExit::InternalError => {
-            counts.count(Reason::InternalError);
-            Step::Stop(Outcome::Crash(format!(
-                "KVM internal error on vcpu {id} (emulation failure?)"
-            )))
-        }
-        VcpuExit::SystemEvent(kind, _) => {
-            counts.count(Reason::SystemEvent);
-            Step::Stop(Outcome::Crash(format!(
-                "guest system event {kind} on vcpu {id}"
-            )))
-        }
-        other => {
-            counts.count(Reason::Other);
-            Step::Stop(Outcome::Crash(format!(
-                "unexpected exit on vcpu {id}: {other:?}"
-            )))
-        }
-    }
+        VcpuExit::Hlt => Step::Park,
+        VcpuExit::Shutdown => crash(format!("guest triple fault (KVM_EXIT_SHUTDOWN) on vcpu {id}")),
+        VcpuExit::FailEntry(why, cpu) => crash(format!(
+            "KVM could not enter the guest on vcpu {id}: hardware entry failure reason {why:#x} (host cpu {cpu})"
+        )),
+        VcpuExit::InternalError => crash(format!("KVM internal error on vcpu {id} (emulation failure?)")),
+        VcpuExit::SystemEvent(kind, _) => crash(format!("guest system event {kind} on vcpu {id}")),
+        other => crash(format!("unexpected exit on vcpu {id}: {other:?}")),
+    };
+    (reason, step)
 }
 
 fn io_out(shared: &Shared, id: u32, port: u16, data: &[u8]) -> Step {
     match port {
         COM1_BASE..COM1_END => {
-            shared
-                .serial
-                .write(port, data.first().copied().unwrap_or(0));
+            shared.serial.write(port, data.first().copied().unwrap_or(0));
         }
         abi::HC_PORT if data.len() == 4 => {
             let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
@@ -149,11 +117,7 @@ fn io_out(shared: &Shared, id: u32, port: u16, data: &[u8]) -> Step {
             return Step::Stop(Outcome::Exit(devices::debug_exit_status(v)));
         }
         _ => {
-            shared
-                .stats
-                .exits
-                .unhandled_pio
-                .fetch_add(1, Ordering::Relaxed);
+            shared.stats.exits.unhandled_pio.fetch_add(1, Ordering::Relaxed);
             debug!("vcpu {id}: write to unclaimed port {port:#x} ignored");
         }
     }
@@ -169,11 +133,7 @@ fn io_in(shared: &Shared, port: u16, data: &mut [u8]) {
         }
         abi::HC_PORT if data.len() == 4 => data.copy_from_slice(&abi::HC_PROBE_MAGIC.to_le_bytes()),
         _ => {
-            shared
-                .stats
-                .exits
-                .unhandled_pio
-                .fetch_add(1, Ordering::Relaxed);
+            shared.stats.exits.unhandled_pio.fetch_add(1, Ordering::Relaxed);
             data.fill(0xff);
         }
     }

@@ -41,6 +41,8 @@ pub struct Shared {
     pub tests: Mutex<Vec<TestResult>>,
     pub nr_vcpus: u32,
     pub tsc_khz: u32,
+    /// Exit-latency histograms, when profiling is on.
+    pub profile: Option<crate::profile::Profile>,
     parked: AtomicU32,
     outcome: Mutex<Option<Outcome>>,
     exit_evt: EventFd,
@@ -58,17 +60,12 @@ impl Shared {
         let _ = self.exit_evt.write(1);
     }
     pub fn finished(&self) -> bool {
-        self.outcome
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+        self.outcome.lock().unwrap_or_else(|e| e.into_inner()).is_some()
     }
     /// A vCPU that stopped running (parked, or halted).
     pub fn park(&self) {
         if self.parked.fetch_add(1, Ordering::SeqCst) + 1 == self.nr_vcpus {
-            self.finish(Outcome::Crash(
-                "every vCPU parked or halted and none asked to exit".into(),
-            ));
+            self.finish(Outcome::Crash("every vCPU parked or halted and none asked to exit".into()));
         }
     }
 }
@@ -101,18 +98,43 @@ fn open_error(path: &Path, errno: i32) -> String {
     }
 }
 
+/// A VM that has stopped: how, and what it recorded.
+pub struct Finished {
+    pub outcome: Outcome,
+    pub shared: Arc<Shared>,
+    pub elapsed: Duration,
+}
+
+impl Finished {
+    pub fn status(&self) -> u8 {
+        match &self.outcome {
+            Outcome::Exit(s) => *s,
+            Outcome::Crash(_) => crate::abi::STATUS_CRASH as u8,
+        }
+    }
+    /// The process result: the guest's status, or the crash as an error.
+    pub fn into_result(self) -> Result<u8, Error> {
+        match self.outcome {
+            Outcome::Exit(s) => Ok(s),
+            Outcome::Crash(msg) => Err(Error::Crash(msg)),
+        }
+    }
+}
+
+/// `vkvm run`: boot, wait, write `--stats-json`, return the guest's status.
 pub fn run(args: &RunArgs) -> Result<u8, Error> {
+    execute(args, false)?.into_result()
+}
+
+/// Boot a VM and wait until it stops (or times out).
+pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
     args.validate(u32::MAX)?;
     let (image, what) = match &args.guest {
         Some(p) => (
-            std::fs::read(p)
-                .map_err(|e| Error::Config(format!("cannot read guest {}: {e}", p.display())))?,
+            std::fs::read(p).map_err(|e| Error::Config(format!("cannot read guest {}: {e}", p.display())))?,
             p.display().to_string(),
         ),
-        None => (
-            guest_image::BUNDLED.to_vec(),
-            "the bundled guest".to_string(),
-        ),
+        None => (guest_image::BUNDLED.to_vec(), "the bundled guest".to_string()),
     };
     boot::check_elf(&image, &what, args.memory)?;
     let kvm = open_kvm(&args.kvm_device)?;
@@ -121,24 +143,15 @@ pub fn run(args: &RunArgs) -> Result<u8, Error> {
     let started = Instant::now();
 
     let vm = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
-    let mem =
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), args.memory as usize)]).map_err(|e| {
-            Error::Crash(format!(
-                "cannot allocate {} MiB of guest memory: {e}",
-                args.memory >> 20
-            ))
-        })?;
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), args.memory as usize)])
+        .map_err(|e| Error::Crash(format!("cannot allocate {} MiB of guest memory: {e}", args.memory >> 20)))?;
     register_memory(&vm, &mem)?;
     let entry = boot::load_pvh(&mem, &image, &what, &args.cmdline, args.memory)?;
 
-    let cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
     let mut vcpus = Vec::new();
     for id in 0..args.vcpus {
-        let vcpu = vm
-            .create_vcpu(id as u64)
-            .map_err(Error::kvm(format!("KVM_CREATE_VCPU {id}")))?;
+        let vcpu = vm.create_vcpu(id as u64).map_err(Error::kvm(format!("KVM_CREATE_VCPU {id}")))?;
         let mut c = cpuid.clone();
         for e in c.as_mut_slice() {
             match e.function {
@@ -160,16 +173,12 @@ pub fn run(args: &RunArgs) -> Result<u8, Error> {
         tests: Mutex::new(Vec::new()),
         nr_vcpus: args.vcpus,
         tsc_khz,
+        profile: profiling.then(|| crate::profile::Profile::new(args.vcpus)),
         parked: AtomicU32::new(0),
         outcome: Mutex::new(None),
         exit_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::io("eventfd"))?,
     });
-    info!(
-        "booting {what}: {} MiB, {} vcpu(s), entry {:#x}",
-        args.memory >> 20,
-        args.vcpus,
-        entry.pvh_entry
-    );
+    info!("booting {what}: {} MiB, {} vcpu(s), entry {:#x}", args.memory >> 20, args.vcpus, entry.pvh_entry);
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let s = shared.clone();
         std::thread::Builder::new()
@@ -179,23 +188,15 @@ pub fn run(args: &RunArgs) -> Result<u8, Error> {
     }
 
     let outcome = monitor(&shared, args.timeout)?;
-    let elapsed = started.elapsed();
-    let status = match &outcome {
-        Outcome::Exit(s) => *s,
-        Outcome::Crash(_) => crate::abi::STATUS_CRASH as u8,
-    };
-    info!(
-        "guest finished in {:.3} s with status {status}",
-        elapsed.as_secs_f64()
-    );
+    let done = Finished { outcome, shared, elapsed: started.elapsed() };
+    info!("guest finished in {:.3} s with status {}", done.elapsed.as_secs_f64(), done.status());
     if let Some(p) = &args.stats_json {
-        write_stats(p, &shared, status, &outcome, elapsed, &vm)?;
+        write_stats(p, &done)?;
     }
-    // vCPU threads still inside KVM_RUN go away with the process.
-    match outcome {
-        Outcome::Exit(s) => Ok(s),
-        Outcome::Crash(msg) => Err(Error::Crash(msg)),
-    }
+    // vCPU threads still inside KVM_RUN go away with the process; the VM's
+    // descriptors stay open until then so that no vCPU outlives its VM.
+    std::mem::forget(vm);
+    Ok(done)
 }
 
 fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Error> {
@@ -209,8 +210,7 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Error> {
         };
         // SAFETY: the region stays mapped for as long as the VM exists (the
         // GuestMemoryMmap lives in `Shared`, which outlives every vCPU).
-        unsafe { vm.set_user_memory_region(r) }
-            .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        unsafe { vm.set_user_memory_region(r) }.map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())
 }
@@ -224,11 +224,7 @@ struct Monitor {
 
 impl MutEventSubscriber for Monitor {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if self
-            .timer
-            .as_ref()
-            .is_some_and(|t| t.as_raw_fd() == events.fd())
-        {
+        if self.timer.as_ref().is_some_and(|t| t.as_raw_fd() == events.fd()) {
             self.timed_out = true;
         } else {
             // Reading only resets the eventfd; the outcome is in `shared`.
@@ -252,69 +248,45 @@ fn monitor(shared: &Arc<Shared>, timeout: Option<f64>) -> Result<Outcome, Error>
         Some(secs) => {
             let timer_err = |e| Error::Crash(format!("cannot arm the --timeout timer: {e}"));
             let mut t = TimerFd::new().map_err(timer_err)?;
-            t.reset(Duration::from_secs_f64(secs), None)
-                .map_err(timer_err)?;
+            t.reset(Duration::from_secs_f64(secs), None).map_err(timer_err)?;
             Some(t)
         }
         None => None,
     };
-    let mon = Arc::new(Mutex::new(Monitor {
-        shared: shared.clone(),
-        timer,
-        timed_out: false,
-    }));
-    let mut em = EventManager::<Arc<Mutex<Monitor>>>::new()
-        .map_err(|e| Error::Crash(format!("event manager: {e:?}")))?;
+    let mon = Arc::new(Mutex::new(Monitor { shared: shared.clone(), timer, timed_out: false }));
+    let mut em =
+        EventManager::<Arc<Mutex<Monitor>>>::new().map_err(|e| Error::Crash(format!("event manager: {e:?}")))?;
     em.add_subscriber(mon.clone());
     loop {
-        if let Some(o) = shared
-            .outcome
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
+        if let Some(o) = shared.outcome.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             return Ok(o);
         }
         if mon.lock().unwrap_or_else(|e| e.into_inner()).timed_out {
             let secs = timeout.unwrap_or_default();
-            let o = Outcome::Crash(format!(
-                "guest did not exit within the --timeout of {secs} s; stopped it"
-            ));
+            let o = Outcome::Crash(format!("guest did not exit within the --timeout of {secs} s; stopped it"));
             shared.finish(o.clone());
             return Ok(o);
         }
-        em.run_with_timeout(1000)
-            .map_err(|e| Error::Crash(format!("event manager: {e:?}")))?;
+        em.run_with_timeout(1000).map_err(|e| Error::Crash(format!("event manager: {e:?}")))?;
     }
 }
 
-fn write_stats(
-    path: &Path,
-    shared: &Shared,
-    status: u8,
-    outcome: &Outcome,
-    elapsed: Duration,
-    _vm: &VmFd,
-) -> Result<(), Error> {
-    let tests = shared
-        .tests
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+fn write_stats(path: &Path, done: &Finished) -> Result<(), Error> {
+    let shared = &done.shared;
+    let tests = shared.tests.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let mut v = json!({
-        "exit_status": status,
+        "exit_status": done.status(),
         "exits": shared.stats.exits.snapshot(),
         "tests": tests,
         "unhandled_pio": shared.stats.exits.unhandled_pio.load(Ordering::Relaxed),
         "bad_hypercalls": shared.stats.bad_hypercalls.load(Ordering::Relaxed),
         "vcpus": shared.nr_vcpus,
-        "elapsed_ms": elapsed.as_secs_f64() * 1e3,
+        "elapsed_ms": done.elapsed.as_secs_f64() * 1e3,
     });
-    if let Outcome::Crash(msg) = outcome {
+    if let Outcome::Crash(msg) = &done.outcome {
         v["crash"] = json!(msg);
     }
-    let text =
-        serde_json::to_string_pretty(&v).map_err(|e| Error::Crash(format!("stats JSON: {e}")))?;
+    let text = serde_json::to_string_pretty(&v).map_err(|e| Error::Crash(format!("stats JSON: {e}")))?;
     std::fs::write(path, text + "\n").map_err(Error::io(format!("cannot write {}", path.display())))
 }
 

@@ -40,8 +40,7 @@ pub fn check_elf(image: &[u8], what: &str, mem_size: u64) -> Result<(), Error> {
             "{what} is not a 64-bit little-endian x86-64 ELF (PVH kernels are ELF64 here)"
         )));
     }
-    let end = elf_extent(image)
-        .ok_or_else(|| Error::Config(format!("{what} has malformed program headers")))?;
+    let end = elf_extent(image).ok_or_else(|| Error::Config(format!("{what} has malformed program headers")))?;
     let need = end.div_ceil(2 << 20) * (2 << 20) + MIN_FREE;
     if need > mem_size {
         return Err(Error::Config(format!(
@@ -79,27 +78,16 @@ fn elf_extent(image: &[u8]) -> Option<u64> {
     Some(end)
 }
 
-pub fn load_pvh(
-    mem: &GuestMemoryMmap,
-    image: &[u8],
-    what: &str,
-    cmdline: &str,
-    mem_size: u64,
-) -> Result<Entry, Error> {
+pub fn load_pvh(mem: &GuestMemoryMmap, image: &[u8], what: &str, cmdline: &str, mem_size: u64) -> Result<Entry, Error> {
     check_elf(image, what, mem_size)?;
-    let res: KernelLoaderResult = Elf::load(
-        mem,
-        None,
-        &mut Cursor::new(image),
-        Some(GuestAddress(HIMEM_START)),
-    )
-    .map_err(|e| Error::Config(format!("cannot load {what}: {e}")))?;
+    let res: KernelLoaderResult = Elf::load(mem, None, &mut Cursor::new(image), Some(GuestAddress(HIMEM_START)))
+        .map_err(|e| Error::Config(format!("cannot load {what}: {e}")))?;
     let entry = match res.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(a) => a.0,
         _ => {
             return Err(Error::Config(format!(
-            "{what} has no PVH entry note (an ELF note 'Xen' of type 18, XEN_ELFNOTE_PHYS32_ENTRY)"
-        )))
+                "{what} has no PVH entry note (an ELF note 'Xen' of type 18, XEN_ELFNOTE_PHYS32_ENTRY)"
+            )))
         }
     };
 
@@ -109,18 +97,8 @@ pub fn load_pvh(
         .map_err(|e| Error::Crash(format!("cannot write the command line: {e}")))?;
 
     let memmap = [
-        hvm_memmap_table_entry {
-            addr: 0,
-            size: LOWMEM_END,
-            type_: E820_RAM,
-            reserved: 0,
-        },
-        hvm_memmap_table_entry {
-            addr: HIMEM_START,
-            size: mem_size - HIMEM_START,
-            type_: E820_RAM,
-            reserved: 0,
-        },
+        hvm_memmap_table_entry { addr: 0, size: LOWMEM_END, type_: E820_RAM, reserved: 0 },
+        hvm_memmap_table_entry { addr: HIMEM_START, size: mem_size - HIMEM_START, type_: E820_RAM, reserved: 0 },
     ];
     let start_info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC,
@@ -134,10 +112,7 @@ pub fn load_pvh(
     params.set_sections(&memmap, GuestAddress(MEMMAP_ADDR));
     PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)
         .map_err(|e| Error::Crash(format!("cannot write the PVH start info: {e}")))?;
-    Ok(Entry {
-        pvh_entry: entry,
-        start_info: START_INFO_ADDR,
-    })
+    Ok(Entry { pvh_entry: entry, start_info: START_INFO_ADDR })
 }
 
 fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
@@ -168,26 +143,12 @@ pub fn setup_vcpu(vcpu: &VcpuFd, entry: &Entry) -> Result<(), Error> {
     sregs.fs = data;
     sregs.gs = data;
     sregs.ss = data;
-    sregs.tr = kvm_segment {
-        limit: 0x67,
-        type_: 0xb,
-        present: 1,
-        s: 0,
-        db: 0,
-        g: 0,
-        ..data
-    };
+    sregs.tr = kvm_segment { limit: 0x67, type_: 0xb, present: 1, s: 0, db: 0, g: 0, ..data };
     sregs.cr0 = 0x11; // PE | ET
     sregs.cr4 = 0;
     sregs.efer = 0;
-    vcpu.set_sregs(&sregs)
-        .map_err(Error::kvm("KVM_SET_SREGS"))?;
-    let regs = kvm_regs {
-        rip: entry.pvh_entry,
-        rbx: entry.start_info,
-        rflags: 2,
-        ..Default::default()
-    };
+    vcpu.set_sregs(&sregs).map_err(Error::kvm("KVM_SET_SREGS"))?;
+    let regs = kvm_regs { rip: entry.pvh_entry, rbx: entry.start_info, rflags: 2, ..Default::default() };
     vcpu.set_regs(&regs).map_err(Error::kvm("KVM_SET_REGS"))?;
     Ok(())
 }
