@@ -240,3 +240,42 @@ fn profile_writes_json_svg_and_a_table() {
     let svg = std::fs::read_to_string(dir.path().join("profile.svg")).unwrap();
     assert!(svg.contains("<svg") && svg.contains("io_out KVM_RUN"), "svg lacks the series");
 }
+
+#[test]
+fn torture_lists_and_runs_tests_in_fresh_vms() {
+    let out = Command::new(VKVM).args(["torture", "--list"]).output().unwrap();
+    let list = String::from_utf8_lossy(&out.stdout);
+    for name in ["selfcheck", "seq-touch", "random-touch", "write-verify", "smp-storm", "exit-storm"] {
+        assert!(list.lines().any(|l| l.starts_with(name)), "{name} missing from:\n{list}");
+    }
+    need_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("t.json");
+    let out = Command::new(VKVM)
+        .args(["torture", "--test", "selfcheck", "--test", "smp-storm", "--seed", "5", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("verdict") && stdout.contains("smp-storm"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v = v.as_array().unwrap();
+    assert_eq!(v.len(), 2);
+    assert!(v.iter().all(|t| t["status"] == "pass" && t["seed"] == 5), "{v:?}");
+}
+
+#[test]
+fn torture_failure_names_the_first_wrong_address_and_exits_1() {
+    need_kvm!();
+    let out = Command::new(VKVM)
+        .args(["torture", "--test", "write-verify", "--cmdline", "inject=write-verify wv-mib=8"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("write-verify: cpu 0: first wrong address 0x"), "{stdout}");
+    let out = Command::new(VKVM).args(["torture", "--test", "nope"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown torture test 'nope'"));
+}

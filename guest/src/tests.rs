@@ -27,6 +27,8 @@ pub static ALL: &[Test] = &[
     t("exit-storm", "PIO out, port read and hypercall loops: median cycles of each", false, exit_storm),
     t("seq-touch", "first touch of every arena page in order: cycles per page", false, seq_touch),
     t("random-touch", "first touch of every arena page in a seeded random order", false, random_touch),
+    t("write-verify", "address-derived patterns over the whole arena, rewritten and re-read", true, write_verify),
+    t("smp-storm", "every CPU writes its own word of every shared page in a seeded order, then verifies", true, smp_storm),
     t("bad-hypercall", "hostile hypercall arguments get error codes", false, bad_hypercall),
     t("crash", "ring-3 access to an unmapped address: the kernel reports a crash", false, crash),
     t("triple-fault", "wreck the IDT and fault: the VM shuts down", false, triple_fault),
@@ -200,6 +202,82 @@ pub fn fill_and_verify(ctx: &Ctx, name: &str, start: u64, end: u64, out: &mut Ou
         }
     }
     out.count("bytes", end - start).count("pages", (end - start) / 4096);
+}
+
+/// Pass 1 fills this CPU's arena slice; pass 2 rewrites every other page
+/// with a second seed; pass 3 checks everything, so pages written long ago
+/// (and perhaps paged out since) are re-read.
+fn write_verify(ctx: &Ctx) -> Outcome {
+    let mut out = Outcome::new();
+    let limit = ctx.opt(b"wv-mib").and_then(parse_u64).map(|m| m << 20).unwrap_or(u64::MAX);
+    let (start, end) = ctx.slice(limit);
+    let seed2 = splitmix64(ctx.seed ^ 0x5eed);
+    let seed_of = |a: u64| if (a / 4096) % 2 == 1 { seed2 } else { ctx.seed };
+    for a in (start..end).step_by(8) {
+        // SAFETY: arena memory reserved for tests.
+        unsafe { (a as *mut u64).write_volatile(pattern(a, ctx.seed)) };
+    }
+    for a in (start..end).step_by(8).filter(|a| (a / 4096) % 2 == 1) {
+        // SAFETY: as above.
+        unsafe { (a as *mut u64).write_volatile(pattern(a, seed2)) };
+    }
+    if ctx.inject("write-verify") && end > start {
+        // SAFETY: as above.
+        unsafe { (start as *mut u64).write_volatile(!pattern(start, seed_of(start))) };
+    }
+    for a in (start..end).step_by(8) {
+        // SAFETY: as above.
+        let found = unsafe { (a as *const u64).read_volatile() };
+        let want = pattern(a, seed_of(a));
+        if found != want {
+            out.fail().s("first wrong address ").hex(a).s(" expected ").hex(want).s(" found ").hex(found);
+            break;
+        }
+    }
+    out.count("bytes", end - start).count("pages", (end - start) / 4096);
+    out
+}
+
+/// All CPUs share one region: CPU c owns word c of every page and writes it
+/// in a seeded random page order for several rounds, then verifies its words.
+/// Different CPUs therefore fault on the same pages at the same time.
+fn smp_storm(ctx: &Ctx) -> Outcome {
+    let mut out = Outcome::new();
+    let mib = ctx.opt(b"storm-mib").and_then(parse_u64).unwrap_or(32);
+    let start = ctx.arena_start;
+    let end = (start + (mib << 20)).min(ctx.arena_end);
+    let n = (end - start) / 4096;
+    let rounds = ctx.opt(b"storm-rounds").and_then(parse_u64).unwrap_or(3);
+    let word = |page: u64| start + page * 4096 + 8 * ctx.cpu as u64;
+    let value = |page: u64, round: u64| pattern(word(page), ctx.seed ^ (ctx.cpu as u64) << 48 ^ round);
+    for round in 0..rounds {
+        let mut step = (splitmix64(ctx.seed ^ round ^ (ctx.cpu as u64) << 32) % n.max(1)) | 1;
+        while gcd(step, n) != 1 {
+            step += 2;
+        }
+        for i in 0..n {
+            let p = ((i as u128 * step as u128) % n as u128) as u64;
+            // SAFETY: word `cpu` of each page belongs to this CPU alone.
+            unsafe { (word(p) as *mut u64).write_volatile(value(p, round)) };
+        }
+    }
+    let last = rounds.saturating_sub(1);
+    for p in 0..n {
+        // SAFETY: as above.
+        let found = unsafe { (word(p) as *const u64).read_volatile() };
+        if found != value(p, last) {
+            out.fail()
+                .s("first wrong address ")
+                .hex(word(p))
+                .s(" expected ")
+                .hex(value(p, last))
+                .s(" found ")
+                .hex(found);
+            break;
+        }
+    }
+    out.count("pages", n).count("rounds", rounds).count("writes", n * rounds);
+    out
 }
 
 fn selfcheck(ctx: &Ctx) -> Outcome {

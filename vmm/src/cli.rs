@@ -41,6 +41,23 @@ impl Cli {
 pub enum Command {
     /// Boot a guest (the bundled one by default) and exit with its status.
     Run(RunArgs),
+    /// Run the guest memory torture suite, each test in a fresh VM.
+    Torture {
+        /// List the tests with a one-line description and exit.
+        #[arg(long)]
+        list: bool,
+        /// Run only this test (repeatable); default: all.
+        #[arg(long = "test", value_name = "NAME")]
+        tests: Vec<String>,
+        /// Seed for every test's data and order.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Also write the summary as JSON.
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
     /// Run a workload with exit-latency profiling and write profile.json,
     /// profile.svg (histograms) and a table.
     Profile {

@@ -11,6 +11,7 @@ mod guest_image;
 mod hypercall;
 mod profile;
 mod stats;
+mod torture;
 #[allow(dead_code)] // used by the demand-paging backend (issue 4)
 mod uffd;
 mod vcpu;
@@ -29,6 +30,11 @@ fn main() -> ExitCode {
         .init();
     let status = match cli.command {
         cli::Command::Run(args) => vm::run(&args),
+        cli::Command::Torture { list: true, .. } => {
+            print!("{}", torture::list());
+            Ok(0)
+        }
+        cli::Command::Torture { tests, seed, json, run, .. } => torture::command(&run, &tests, seed, json.as_deref()),
         cli::Command::Profile { mut run, out } => profile::command(&mut run, &out),
         cli::Command::Guest { output } => guest_image::write(&output).map(|()| 0),
     };

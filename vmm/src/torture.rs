@@ -1,0 +1,179 @@
+//! `vkvm torture`: the guest memory torture suite. Each test runs in a fresh
+//! VM (a child `vkvm run`, so a crash or hang in one cannot touch the next),
+//! with a progress bar on a terminal and a summary table at the end.
+
+use crate::cli::RunArgs;
+use crate::error::Error;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A torture test: a guest test plus the VM it needs.
+pub struct Torture {
+    pub name: &'static str,
+    pub about: &'static str,
+    /// Guest command-line words beyond `tests=NAME seed=N`.
+    pub cmdline: &'static str,
+    /// vCPUs, if the test needs more than the user asked for.
+    pub min_vcpus: u32,
+}
+
+const fn t(name: &'static str, about: &'static str, cmdline: &'static str, min_vcpus: u32) -> Torture {
+    Torture { name, about, cmdline, min_vcpus }
+}
+
+#[rustfmt::skip]
+pub static SUITE: &[Torture] = &[
+    t("selfcheck", "write and verify 64 MiB with address-derived values", "", 1),
+    t("seq-touch", "first touch of every free guest page in order", "", 1),
+    t("random-touch", "first touch of every free guest page in a seeded random order", "", 1),
+    t("write-verify", "address-derived patterns over all free guest memory, rewritten and re-read", "", 1),
+    t("smp-storm", "2+ vCPUs write interleaved words of the same pages in seeded orders", "", 2),
+    t("exit-storm", "PIO out, port read and hypercall loops", "storm-iters=5000", 1),
+];
+
+pub fn list() -> String {
+    SUITE.iter().map(|t| format!("{:<14} {}\n", t.name, t.about)).collect()
+}
+
+/// One finished test.
+struct Outcome {
+    name: &'static str,
+    pass: bool,
+    verdict: String,
+    pages: Option<u64>,
+    stats: Value,
+    elapsed: Duration,
+    detail: String,
+}
+
+pub fn command(run: &RunArgs, tests: &[String], seed: u64, json_out: Option<&Path>) -> Result<u8, Error> {
+    let chosen: Vec<&Torture> = if tests.is_empty() {
+        SUITE.iter().collect()
+    } else {
+        tests
+            .iter()
+            .map(|n| {
+                SUITE.iter().find(|t| t.name == n).ok_or_else(|| {
+                    Error::Config(format!("unknown torture test '{n}' (vkvm torture --list shows them)"))
+                })
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let exe = std::env::current_exe().map_err(Error::io("cannot find the vkvm executable"))?;
+    let tty = std::io::stderr().is_terminal();
+    let mut results = Vec::new();
+    for t in chosen {
+        let bar = tty.then(|| {
+            let b = ProgressBar::new_spinner();
+            b.set_style(
+                ProgressStyle::with_template("{spinner} {prefix:<14} {elapsed:>4} {msg}").expect("valid template"),
+            );
+            b.set_prefix(t.name);
+            b.set_message("running");
+            b.enable_steady_tick(Duration::from_millis(120));
+            b
+        });
+        let r = run_one(&exe, run, t, seed)?;
+        match bar {
+            Some(b) => b.finish_with_message(r.verdict.clone()),
+            None => eprintln!("{:<14} {} ({:.2} s)", t.name, r.verdict, r.elapsed.as_secs_f64()),
+        }
+        results.push(r);
+    }
+    print!("{}", table(&results));
+    for r in results.iter().filter(|r| !r.pass && !r.detail.is_empty()) {
+        println!("{}: {}", r.name, r.detail);
+    }
+    if let Some(p) = json_out {
+        let v: Vec<Value> = results
+            .iter()
+            .map(|r| {
+                json!({
+                    "test": r.name, "status": if r.pass { "pass" } else { "fail" }, "verdict": r.verdict,
+                    "pages": r.pages, "faults": r.stats.get("faults"), "pageout": r.stats.get("pageout"),
+                    "elapsed_ms": r.elapsed.as_secs_f64() * 1e3, "detail": r.detail, "seed": seed,
+                })
+            })
+            .collect();
+        let text = serde_json::to_string_pretty(&v).map_err(|e| Error::Crash(e.to_string()))?;
+        std::fs::write(p, text + "\n").map_err(Error::io(format!("cannot write {}", p.display())))?;
+    }
+    Ok(if results.iter().all(|r| r.pass) { 0 } else { 1 })
+}
+
+fn run_one(exe: &Path, run: &RunArgs, t: &Torture, seed: u64) -> Result<Outcome, Error> {
+    let dir = tempfile::tempdir().map_err(Error::io("cannot create a scratch directory"))?;
+    let stats_path: PathBuf = dir.path().join("stats.json");
+    let mut cmdline = format!("tests={} seed={seed} {}", t.name, t.cmdline);
+    if !run.cmdline.is_empty() {
+        cmdline = format!("{cmdline} {}", run.cmdline);
+    }
+    let mut cmd = Command::new(exe);
+    cmd.arg("run");
+    if let Some(g) = &run.guest {
+        cmd.arg(g);
+    }
+    cmd.args(["--memory", &run.memory.to_string(), "--vcpus", &run.vcpus.max(t.min_vcpus).to_string()])
+        .args(["--cmdline", cmdline.trim(), "--timeout", &run.timeout.unwrap_or(300.0).to_string()])
+        .arg("--kvm-device")
+        .arg(&run.kvm_device)
+        .arg("--stats-json")
+        .arg(&stats_path);
+    let started = Instant::now();
+    let out = cmd.output().map_err(Error::io("cannot start vkvm run"))?;
+    let elapsed = started.elapsed();
+    let stats: Value =
+        std::fs::read_to_string(&stats_path).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or(Value::Null);
+    let tests = stats["tests"].as_array().cloned().unwrap_or_default();
+    let code = out.status.code().unwrap_or(3);
+    let pass = code == 0 && !tests.is_empty() && tests.iter().all(|t| t["status"] == "pass");
+    let detail = tests
+        .iter()
+        .find_map(|t| t["detail"].as_str().filter(|d| !d.is_empty()).map(|d| format!("cpu {}: {d}", t["cpu"])))
+        .unwrap_or_else(|| {
+            if pass {
+                String::new()
+            } else {
+                let err = String::from_utf8_lossy(&out.stderr);
+                err.lines().filter(|l| l.starts_with("vkvm:")).collect::<Vec<_>>().join(" ")
+            }
+        });
+    let verdict = if pass { "pass".to_string() } else { format!("FAIL (status {code})") };
+    let pages = tests.iter().filter_map(|t| t["pages"].as_u64()).reduce(|a, b| a + b);
+    Ok(Outcome { name: t.name, pass, verdict, pages, stats, elapsed, detail })
+}
+
+fn table(results: &[Outcome]) -> String {
+    let n = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    let f = |r: &Outcome, k: &str| n(r.stats["faults"][k].as_u64());
+    let p = |r: &Outcome, k: &str| n(r.stats["pageout"][k].as_u64());
+    let mut s = format!(
+        "{:<14} {:>8} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8}  {}\n",
+        "test", "pages", "zero_fill", "soft", "cow", "pager_in", "pages_out", "time (s)", "exits", "verdict"
+    );
+    for r in results {
+        let cow = match (r.stats["faults"]["cow_copy"].as_u64(), r.stats["faults"]["cow_rename"].as_u64()) {
+            (Some(a), Some(b)) => (a + b).to_string(),
+            _ => "-".into(),
+        };
+        let exits: u64 = r.stats["exits"].as_object().map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
+        s += &format!(
+            "{:<14} {:>8} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9.2} {:>8}  {}\n",
+            r.name,
+            n(r.pages),
+            f(r, "zero_fill"),
+            f(r, "soft"),
+            cow,
+            f(r, "pager_in"),
+            p(r, "pages_out"),
+            r.elapsed.as_secs_f64(),
+            exits,
+            r.verdict
+        );
+    }
+    s
+}
