@@ -1,0 +1,232 @@
+//! The pageout daemon (`vm_pageout`): keeps resident frames within budget.
+//!
+//! A clock over every object's pages: referenced pages get a second chance
+//! (the reference is cleared and their mappings removed, so the next touch
+//! soft-faults and re-marks them); cached pages go first; clean pages are
+//! freed; dirty pages are unmapped *then* written (anonymous objects become
+//! swap objects) and freed. Wired, held and busy pages are skipped.
+
+use crate::object::{Object, ObjectKind};
+use crate::page::{pf, Queue};
+use crate::pager::PageIo;
+use crate::pmap::{remove_mappings, test_referenced};
+use crate::vm::{bump, Vm};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Most dirty pages written per object per pass.
+const WRITE_BATCH: usize = 32;
+
+/// What one pageout run did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PageoutReport {
+    /// Pages looked at.
+    pub scanned: u64,
+    /// Clean pages freed.
+    pub freed: u64,
+    /// Dirty pages written and freed.
+    pub written: u64,
+    /// Referenced pages given a second chance.
+    pub reactivated: u64,
+    /// Write errors (page kept).
+    pub errors: u64,
+}
+
+/// Frees frames until `free_target` are free (or nothing more can be done).
+pub fn run_once(vm: &Vm, free_target: u64) -> PageoutReport {
+    let _serial = vm.pageout_lock.lock();
+    let mut rep = PageoutReport::default();
+    let objects = vm.live_objects();
+    if objects.is_empty() {
+        return rep;
+    }
+    let need = |vm: &Vm| vm.pool.free_count() < free_target;
+    // Pass 0: cached pages. Passes 1-3: the clock (second chance in between).
+    for pass in 0..4 {
+        if !need(vm) {
+            break;
+        }
+        let start = vm.pageout_cursor.fetch_add(1, Ordering::Relaxed) as usize;
+        for i in 0..objects.len() {
+            if !need(vm) {
+                break;
+            }
+            let obj = &objects[(start + i) % objects.len()];
+            scan_object(vm, obj, pass, free_target, &mut rep);
+        }
+    }
+    rep
+}
+
+/// Direct reclaim from a faulting thread.
+pub(crate) fn reclaim(vm: &Vm, free_target: u64) -> u64 {
+    if vm.pageout_lock.is_locked() {
+        // The daemon (or another thread) is at it: let the caller wait.
+        return 0;
+    }
+    let r = run_once(vm, free_target);
+    r.freed + r.written
+}
+
+fn scan_object(vm: &Vm, obj: &Arc<Object>, pass: u32, free_target: u64, rep: &mut PageoutReport) {
+    let mut batch: Vec<PageIo> = Vec::new();
+    let pager = {
+        let mut g = obj.lock();
+        if g.dead || g.kind == ObjectKind::Device {
+            return;
+        }
+        let mut to_free = Vec::new();
+        let can_swap = match g.kind {
+            ObjectKind::Anonymous | ObjectKind::Swap => vm.swap.is_some(),
+            ObjectKind::File => g.pager.is_some(),
+            ObjectKind::Device => false,
+        };
+        let keys: Vec<u64> = g.pages.keys().copied().collect();
+        for p in keys {
+            if vm.pool.free_count() + to_free.len() as u64 + batch.len() as u64 >= free_target {
+                break;
+            }
+            let Some(page) = g.pages.get_mut(&p) else {
+                continue;
+            };
+            if !page.pageable() || !page.has(pf::VALID) {
+                continue;
+            }
+            rep.scanned += 1;
+            if pass == 0 {
+                if page.queue == Queue::Cache && !page.has(pf::DIRTY) {
+                    to_free.push(p);
+                }
+                continue;
+            }
+            if test_referenced(vm, page) {
+                page.set(pf::REFERENCED);
+            }
+            if page.has(pf::REFERENCED) && pass < 3 {
+                // Second chance: unmap so the next touch re-marks it.
+                page.clear(pf::REFERENCED);
+                if remove_mappings(vm, page) {
+                    page.set(pf::DIRTY);
+                }
+                page.queue = Queue::Active;
+                rep.reactivated += 1;
+                continue;
+            }
+            // Unmap before looking at dirtiness, so no write slips past.
+            if remove_mappings(vm, page) {
+                page.set(pf::DIRTY);
+            }
+            if !page.has(pf::DIRTY) {
+                to_free.push(p);
+            } else if can_swap && batch.len() < WRITE_BATCH {
+                page.set(pf::BUSY);
+                page.queue = Queue::Inactive;
+                batch.push(PageIo {
+                    pindex: p,
+                    frame: page.frame,
+                    done: false,
+                });
+            } else {
+                page.queue = Queue::Inactive;
+            }
+        }
+        for p in to_free {
+            if let Some(page) = g.pages.remove(&p) {
+                vm.pool.free(page.frame, !page.has(pf::ZERO));
+                rep.freed += 1;
+                bump(&vm.stats.pages_freed);
+            }
+        }
+        if batch.is_empty() {
+            None
+        } else {
+            if g.kind == ObjectKind::Anonymous {
+                // First pageout: anonymous memory becomes swap-backed.
+                g.kind = ObjectKind::Swap;
+                g.pager = vm.swap.clone().map(|s| s as Arc<dyn crate::pager::Pager>);
+            }
+            g.pip += 1;
+            g.pager.clone()
+        }
+    };
+    if batch.is_empty() {
+        return;
+    }
+    batch.sort_by_key(|b| b.pindex);
+    let res = match &pager {
+        Some(p) => p.put_pages(obj.id(), &vm.pool, &mut batch),
+        None => Err(crate::pager::PagerError::Error),
+    };
+    if let Err(e) = res {
+        log::warn!("pageout: object {} write failed: {e}", obj.id());
+    }
+    let mut g = obj.lock();
+    for b in &batch {
+        let Some(page) = g.pages.get_mut(&b.pindex) else {
+            continue;
+        };
+        if b.done && page.frame == b.frame {
+            // Busy and unmapped since before the write: nothing can have
+            // dirtied it.
+            if let Some(page) = g.pages.remove(&b.pindex) {
+                vm.pool.free(page.frame, true);
+            }
+            rep.written += 1;
+            bump(&vm.stats.pages_out);
+        } else {
+            page.clear(pf::BUSY);
+            rep.errors += 1;
+            bump(&vm.stats.pageout_errors);
+        }
+    }
+    g.pip = g.pip.saturating_sub(1);
+    drop(g);
+    obj.cv.notify_all();
+}
+
+/// A running pageout daemon thread; stopped and joined on drop.
+pub struct PageoutDaemon {
+    stop: Arc<AtomicBool>,
+    vm: Arc<Vm>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl PageoutDaemon {
+    /// Starts the daemon for `vm`.
+    pub fn start(vm: &Arc<Vm>) -> std::io::Result<PageoutDaemon> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, v) = (stop.clone(), vm.clone());
+        let handle = std::thread::Builder::new()
+            .name("pageout".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    {
+                        let mut g = v.pageout_lock.lock();
+                        if v.pool.free_count() >= v.config.free_target * 2 {
+                            let _ = v.pageout_wake.wait_for(&mut g, Duration::from_millis(20));
+                        }
+                    }
+                    if v.pool.free_count() < v.config.free_target * 2 {
+                        run_once(&v, v.config.free_target * 2);
+                    }
+                }
+            })?;
+        Ok(PageoutDaemon {
+            stop,
+            vm: vm.clone(),
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for PageoutDaemon {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.vm.wake_pageout();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! VPAGETABLE walk tests.
+mod common;
+use ::pager::map::{Inherit, MapType};
+use ::pager::vpte::*;
+use ::pager::*;
+use common::*;
+use std::sync::Arc;
+
+const R: u64 = 0x1000_0000;
+const V: u64 = 0x8000_0000;
+const OBJ_PAGES: u64 = 1024;
+
+struct T {
+    vm: Arc<Vm>,
+    m: SoftMachine,
+}
+
+fn setup(levels: u32) -> T {
+    let vm = vm(4096);
+    let m = machine(&vm);
+    let o = vm.anonymous(OBJ_PAGES);
+    m.map
+        .map_object(
+            R,
+            OBJ_PAGES * PS,
+            o.clone(),
+            0,
+            Prot::RW,
+            Prot::ALL,
+            Inherit::Share,
+            false,
+        )
+        .unwrap();
+    m.map.map_vpagetable(V, 64 * PS, o, 0, levels).unwrap();
+    for p in [105u64, 205, 300, 301, 305, 405] {
+        m.write_u64(R + p * PS, marker(p)).unwrap();
+    }
+    T { vm, m }
+}
+
+fn marker(p: u64) -> u64 {
+    0xAB00_0000 + p
+}
+
+fn ent(t: &T, table: u64, idx: u64) -> u64 {
+    t.m.read_u64(R + table * PS + idx * 8).unwrap()
+}
+
+fn set_ent(t: &T, table: u64, idx: u64, v: u64) {
+    t.m.write_u64(R + table * PS + idx * 8, v).unwrap();
+}
+
+/// Tables at pages 1..=levels leading VA page `va` to `leaf`; `dir_flags`
+/// for the directory entries.
+fn build(t: &T, levels: u32, va: u64, leaf: Vpte, dir_flags: Vpte) {
+    for k in 1..=levels as u64 {
+        let shift = 9 * (levels as u64 - k);
+        let idx = (va >> shift) & 511;
+        let v = if k == levels as u64 {
+            leaf
+        } else {
+            vpte_make(k + 1, dir_flags)
+        };
+        set_ent(t, k, idx, v);
+    }
+    t.m.map.setmap(V, vpte_make(1, dir_flags)).unwrap();
+}
+
+#[test]
+fn vpt_unset_master_fails_until_setmap() {
+    let t = setup(2);
+    assert_eq!(
+        fault(&t.m.map, V, Prot::READ, FaultFlags::NONE).unwrap_err(),
+        FaultError::Failure
+    );
+}
+
+#[test]
+fn vpt_linear_via_ps_at_master() {
+    let t = setup(4);
+    t.m.map
+        .setmap(V, vpte_make(100, VPTE_V | VPTE_RW | VPTE_PS))
+        .unwrap();
+    assert_eq!(t.m.read_u64(V + 5 * PS).unwrap(), marker(105));
+    t.m.write_u64(V + 5 * PS + 8, 0x1234).unwrap();
+    assert_eq!(
+        t.m.read_u64(R + 105 * PS + 8).unwrap(),
+        0x1234,
+        "same host page as the RAM view"
+    );
+    assert_eq!(t.m.pmap.extract(V + 5 * PS), t.m.pmap.extract(R + 105 * PS));
+}
+
+#[test]
+fn vpt_linear_via_ps_at_levels_1_to_3() {
+    for (lvl, frame) in [(1u64, 200u64), (2, 300), (3, 400)] {
+        let t = setup(4);
+        for p in [205u64, 305, 405] {
+            t.m.write_u64(R + p * PS, marker(p)).unwrap();
+        }
+        // Directory entries down to level `lvl`, PS there.
+        for k in 1..lvl {
+            set_ent(&t, k, 0, vpte_make(k + 1, VPTE_V | VPTE_RW));
+        }
+        set_ent(&t, lvl, 0, vpte_make(frame, VPTE_V | VPTE_RW | VPTE_PS));
+        t.m.map.setmap(V, vpte_make(1, VPTE_V | VPTE_RW)).unwrap();
+        assert_eq!(
+            t.m.read_u64(V + 5 * PS).unwrap(),
+            marker(frame + 5),
+            "PS at level {lvl}"
+        );
+    }
+}
+
+#[test]
+fn vpt_walks_2_3_4_levels() {
+    for levels in [2u32, 3, 4] {
+        let t = setup(levels);
+        build(
+            &t,
+            levels,
+            5,
+            vpte_make(300, VPTE_V | VPTE_RW),
+            VPTE_V | VPTE_RW,
+        );
+        assert_eq!(
+            t.m.read_u64(V + 5 * PS).unwrap(),
+            marker(300),
+            "{levels} levels"
+        );
+        // A different VA page index uses a different leaf slot.
+        set_ent(&t, levels as u64, 6, vpte_make(301, VPTE_V | VPTE_RW));
+        assert_eq!(t.m.read_u64(V + 6 * PS).unwrap(), marker(301));
+    }
+    // One level: the master points at the only table.
+    let t = setup(1);
+    set_ent(&t, 1, 5, vpte_make(305, VPTE_V));
+    t.m.map.setmap(V, vpte_make(1, VPTE_V | VPTE_RW)).unwrap();
+    assert_eq!(t.m.read_u64(V + 5 * PS).unwrap(), marker(305));
+}
+
+#[test]
+fn vpt_off_path_edit_changes_nothing_and_inval_is_needed() {
+    let t = setup(2);
+    build(&t, 2, 5, vpte_make(300, VPTE_V | VPTE_RW), VPTE_V | VPTE_RW);
+    assert_eq!(t.m.read_u64(V + 5 * PS).unwrap(), marker(300));
+    // Off the path: another slot in the same tables.
+    set_ent(&t, 2, 7, vpte_make(301, VPTE_V));
+    set_ent(&t, 1, 3, vpte_make(9, VPTE_V));
+    t.m.map.inval(V, 64 * PS).unwrap();
+    assert_eq!(t.m.read_u64(V + 5 * PS).unwrap(), marker(300));
+    // On the path: stale until inval, new after.
+    set_ent(&t, 2, 5, vpte_make(301, VPTE_V | VPTE_RW));
+    assert_eq!(t.m.read_u64(V + 5 * PS).unwrap(), marker(300));
+    t.m.map.inval(V + 5 * PS, PS).unwrap();
+    assert_eq!(t.m.read_u64(V + 5 * PS).unwrap(), marker(301));
+    // setmap drops every translation of the entry.
+    t.m.map
+        .setmap(V, vpte_make(100, VPTE_V | VPTE_RW | VPTE_PS))
+        .unwrap();
+    assert!(t.m.pmap.extract(V + 5 * PS).is_none());
+    assert_eq!(t.m.read_u64(V + 5 * PS).unwrap(), marker(105));
+}
+
+#[test]
+fn vpt_rw_and_nx_anded_across_levels() {
+    let t = setup(2);
+    // Directory without RW above a RW|M leaf.
+    build(&t, 2, 5, vpte_make(300, VPTE_V | VPTE_RW | VPTE_M), VPTE_V);
+    assert_eq!(
+        t.m.write_u64(V + 5 * PS, 1).unwrap_err(),
+        FaultError::Failure
+    );
+    assert_eq!(t.m.read_u64(V + 5 * PS).unwrap(), marker(300));
+    assert!(
+        !t.m.pmap.pte(V + 5 * PS).unwrap().prot.writable(),
+        "leaf-only upgrade is not taken"
+    );
+    // NX on the directory: exec fails, read maps without EXEC.
+    let t = setup(2);
+    build(
+        &t,
+        2,
+        5,
+        vpte_make(300, VPTE_V | VPTE_RW),
+        VPTE_V | VPTE_RW | VPTE_NX,
+    );
+    assert_eq!(t.m.exec(V + 5 * PS).unwrap_err(), FaultError::Failure);
+    t.m.read_u64(V + 5 * PS).unwrap();
+    assert!(!t.m.pmap.pte(V + 5 * PS).unwrap().prot.contains(Prot::EXEC));
+    let t = setup(2);
+    build(&t, 2, 5, vpte_make(300, VPTE_V | VPTE_RW), VPTE_V | VPTE_RW);
+    t.m.exec(V + 5 * PS).unwrap();
+}
+
+#[test]
+fn vpt_accessed_modified_rules() {
+    let t = setup(2);
+    let master = vpte_make(1, VPTE_V | VPTE_RW);
+    build(&t, 2, 5, vpte_make(300, VPTE_V | VPTE_RW), VPTE_V | VPTE_RW);
+    // Read: A on every in-memory entry, no M; RW leaf without M maps read-only.
+    t.m.read_u64(V + 5 * PS).unwrap();
+    assert_eq!(ent(&t, 1, 0) & (VPTE_A | VPTE_M), VPTE_A);
+    assert_eq!(ent(&t, 2, 5) & (VPTE_A | VPTE_M), VPTE_A);
+    assert!(!t.m.pmap.pte(V + 5 * PS).unwrap().prot.writable());
+    // Write: faults again, sets M|A everywhere, maps writable.
+    t.m.write_u64(V + 5 * PS, 7).unwrap();
+    assert_eq!(ent(&t, 1, 0) & (VPTE_A | VPTE_M), VPTE_A | VPTE_M);
+    assert_eq!(ent(&t, 2, 5) & (VPTE_A | VPTE_M), VPTE_A | VPTE_M);
+    assert!(t.m.pmap.pte(V + 5 * PS).unwrap().prot.writable());
+    // The master is never written.
+    let e =
+        t.m.map
+            .entries()
+            .into_iter()
+            .find(|e| e.start == V)
+            .unwrap();
+    assert_eq!(e.maptype, MapType::VPageTable { master, levels: 2 });
+    // RW|M already set: a read fault maps writable.
+    set_ent(&t, 2, 6, vpte_make(301, VPTE_V | VPTE_RW | VPTE_M));
+    t.m.read_u64(V + 6 * PS).unwrap();
+    assert!(t.m.pmap.pte(V + 6 * PS).unwrap().prot.writable());
+    // Clearing M needs an inval for the host to set it again.
+    set_ent(&t, 2, 5, ent(&t, 2, 5) & !VPTE_M);
+    t.m.write_u64(V + 5 * PS, 8).unwrap();
+    assert_eq!(
+        ent(&t, 2, 5) & VPTE_M,
+        0,
+        "no fault, no M: the documented contract"
+    );
+    t.m.map.inval(V + 5 * PS, PS).unwrap();
+    t.m.write_u64(V + 5 * PS, 9).unwrap();
+    assert_eq!(ent(&t, 2, 5) & VPTE_M, VPTE_M);
+    // A failed write (leaf without RW) sets nothing.
+    set_ent(&t, 2, 8, vpte_make(301, VPTE_V));
+    assert!(t.m.write_u64(V + 8 * PS, 1).is_err());
+    assert_eq!(ent(&t, 2, 8) & (VPTE_A | VPTE_M), 0);
+}
+
+#[test]
+fn vpt_invalid_at_any_level_fails() {
+    let t = setup(3);
+    build(&t, 3, 5, vpte_make(300, VPTE_V | VPTE_RW), VPTE_V | VPTE_RW);
+    assert_eq!(t.m.read_u64(V + 5 * PS).unwrap(), marker(300));
+    // Master.
+    t.m.map.setmap(V, vpte_make(1, VPTE_RW)).unwrap();
+    assert_eq!(t.m.read_u64(V + 5 * PS).unwrap_err(), FaultError::Failure);
+    // Each table level.
+    for lvl in 1..=3u64 {
+        build(&t, 3, 5, vpte_make(300, VPTE_V | VPTE_RW), VPTE_V | VPTE_RW);
+        let idx = if lvl == 3 { 5 } else { 0 };
+        let old = ent(&t, lvl, idx);
+        set_ent(&t, lvl, idx, old & !VPTE_V & !VPTE_A);
+        t.m.map.inval(V, 64 * PS).unwrap();
+        assert_eq!(
+            t.m.read_u64(V + 5 * PS).unwrap_err(),
+            FaultError::Failure,
+            "level {lvl}"
+        );
+        assert_eq!(
+            ent(&t, lvl, idx) & VPTE_A,
+            0,
+            "no A written into an invalid entry"
+        );
+    }
+}
+
+#[test]
+fn vpt_frame_beyond_object_is_protection() {
+    let t = setup(2);
+    build(
+        &t,
+        2,
+        5,
+        vpte_make(OBJ_PAGES + 10, VPTE_V | VPTE_RW),
+        VPTE_V | VPTE_RW,
+    );
+    assert_eq!(
+        t.m.read_u64(V + 5 * PS).unwrap_err(),
+        FaultError::Protection
+    );
+    // A table page beyond the object too.
+    t.m.map
+        .setmap(V, vpte_make(OBJ_PAGES + 1, VPTE_V | VPTE_RW))
+        .unwrap();
+    assert_eq!(
+        t.m.read_u64(V + 5 * PS).unwrap_err(),
+        FaultError::Protection
+    );
+}
+
+#[test]
+fn vpt_tables_paged_in_through_object_path() {
+    let t = setup(3);
+    build(&t, 3, 5, vpte_make(300, VPTE_V | VPTE_RW), VPTE_V | VPTE_RW);
+    evict_all(&t.vm);
+    t.m.map.inval(V, 64 * PS).unwrap();
+    assert_eq!(t.m.read_u64(V + 5 * PS).unwrap(), marker(300));
+    assert!(t.vm.stats().snapshot().pager_in > 0);
+    assert_eq!(ent(&t, 3, 5) & VPTE_A, VPTE_A);
+}
+
+#[test]
+fn vpt_no_stale_translation_after_inval() {
+    let t = Arc::new(setup(2));
+    build(&t, 2, 5, vpte_make(300, VPTE_V | VPTE_RW), VPTE_V | VPTE_RW);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (t2, s2) = (t.clone(), stop.clone());
+    let reader = std::thread::spawn(move || {
+        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = t2.m.read_u64(V + 5 * PS);
+        }
+    });
+    for i in 0..200u64 {
+        let f = if i % 2 == 0 { 301 } else { 300 };
+        // Guest protocol: swap the entry, then inval.
+        set_ent(&t, 2, 5, vpte_make(f, VPTE_V | VPTE_RW));
+        t.m.map.inval(V + 5 * PS, PS).unwrap();
+        if let Some(fr) = t.m.pmap.extract(V + 5 * PS) {
+            assert_eq!(
+                Some(fr),
+                t.m.pmap.extract(R + f * PS),
+                "stale translation survived inval"
+            );
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    reader.join().unwrap();
+}
