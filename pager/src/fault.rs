@@ -95,10 +95,7 @@ impl Held {
     pub(crate) fn new(g: &mut ObjGuard, obj: &Arc<Object>, pindex: u64) -> Option<Held> {
         let p = g.pages.get_mut(&pindex)?;
         p.hold_count = p.hold_count.saturating_add(1);
-        Some(Held {
-            obj: obj.clone(),
-            pindex,
-        })
+        Some(Held { obj: obj.clone(), pindex })
     }
     /// The frame of the held page.
     pub fn frame(&self) -> Option<Frame> {
@@ -203,12 +200,7 @@ pub(crate) struct Found {
 
 /// Handles a fault at `addr` needing `access` (`vm_fault`). On success the
 /// page (and prefaulted neighbours) are entered in the map's pmap.
-pub fn fault(
-    map: &Map,
-    addr: u64,
-    access: Prot,
-    flags: FaultFlags,
-) -> Result<Resolved, FaultError> {
+pub fn fault(map: &Map, addr: u64, access: Prot, flags: FaultFlags) -> Result<Resolved, FaultError> {
     let vaddr = addr & !(PS - 1);
     let vm: &Vm = &map.vm;
     let mut fs = Fs {
@@ -291,11 +283,7 @@ fn fault_once(fs: &mut Fs, g: &MapInner, vaddr: u64, access: Prot) -> Step<Resol
     let mut first_prot = e.protection;
     let is_vpt = matches!(e.maptype, MapType::VPageTable { .. });
     // A writable VPAGETABLE entry is shadowed now so vptes can be written.
-    let lookup_type = if is_vpt && e.protection.writable() {
-        access | Prot::WRITE
-    } else {
-        access
-    };
+    let lookup_type = if is_vpt && e.protection.writable() { access | Prot::WRITE } else { access };
     if e.needs_copy {
         if lookup_type.writable() || (fs.wired && e.protection.writable()) {
             return Step::NeedsCopy;
@@ -308,17 +296,8 @@ fn fault_once(fs: &mut Fs, g: &MapInner, vaddr: u64, access: Prot) -> Step<Resol
     let mut first_pindex = e.pindex(vaddr);
     let mut walk = None;
     if let MapType::VPageTable { master, levels } = e.maptype {
-        match crate::vpagetable::walk(
-            fs,
-            e,
-            &first,
-            first_pindex,
-            master,
-            levels,
-            fault_type,
-            first_prot,
-            g.timestamp,
-        ) {
+        match crate::vpagetable::walk(fs, e, &first, first_pindex, master, levels, fault_type, first_prot, g.timestamp)
+        {
             Step::Ok(w) => {
                 first_pindex = w.pindex;
                 first_prot = w.prot;
@@ -327,33 +306,16 @@ fn fault_once(fs: &mut Fs, g: &MapInner, vaddr: u64, access: Prot) -> Step<Resol
             other => return other.cast(),
         }
     }
-    let found = match resolve(
-        fs,
-        e,
-        &first,
-        first_pindex,
-        fault_type,
-        first_prot,
-        g.timestamp,
-    ) {
+    let found = match resolve(fs, e, &first, first_pindex, fault_type, first_prot, g.timestamp) {
         Step::Ok(f) => f,
         other => return other.cast(),
     };
-    let Found {
-        g: mut og,
-        obj,
-        pindex,
-        mut prot,
-        kind,
-    } = found;
+    let Found { g: mut og, obj, pindex, mut prot, kind } = found;
     let pager = og.pager.clone();
     let Some(page) = og.pages.get_mut(&pindex) else {
         return Step::Retry;
     };
-    if matches!(kind, FaultKind::Soft | FaultKind::PagerIn)
-        && !fault_type.writable()
-        && !page.has(pf::DIRTY)
-    {
+    if matches!(kind, FaultKind::Soft | FaultKind::PagerIn) && !fault_type.writable() && !page.has(pf::DIRTY) {
         // Clean page: map read-only so the first write dirties it.
         prot = prot.without(Prot::WRITE);
     }
@@ -373,11 +335,7 @@ fn fault_once(fs: &mut Fs, g: &MapInner, vaddr: u64, access: Prot) -> Step<Resol
             page.wire_count = page.wire_count.saturating_sub(1);
         }
     }
-    page.queue = if page.wire_count > 0 || page.has(pf::FICTITIOUS) {
-        Queue::None
-    } else {
-        Queue::Active
-    };
+    page.queue = if page.wire_count > 0 || page.has(pf::FICTITIOUS) { Queue::None } else { Queue::Active };
     rmap_add(page, fs.map.pmap_id, vaddr);
     let frame = page.frame;
     fs.map.pmap.enter(vaddr, frame, prot, fs.wired);
@@ -388,11 +346,7 @@ fn fault_once(fs: &mut Fs, g: &MapInner, vaddr: u64, access: Prot) -> Step<Resol
             p.page_unswapped(obj.id, pindex);
         }
     }
-    let held = if fs.flags.has(FaultFlags::HOLD) {
-        Held::new(&mut og, &obj, pindex)
-    } else {
-        None
-    };
+    let held = if fs.flags.has(FaultFlags::HOLD) { Held::new(&mut og, &obj, pindex) } else { None };
     drop(og);
     if let Some(w) = walk {
         crate::vpagetable::set_accessed(fs.vm, &w, fault_type);
@@ -418,15 +372,7 @@ fn fault_once(fs: &mut Fs, g: &MapInner, vaddr: u64, access: Prot) -> Step<Resol
         prefault(fs, e, vaddr, &mut pre);
     }
     fs.helds.clear();
-    Step::Ok(Resolved {
-        addr: vaddr,
-        frame,
-        prot,
-        kind,
-        prefault: pre,
-        generation: g.timestamp,
-        held,
-    })
+    Step::Ok(Resolved { addr: vaddr, frame, prot, kind, prefault: pre, generation: g.timestamp, held })
 }
 
 /// `vm_fault_ratelimit`: once per fault, throttle when free frames are short.
@@ -443,9 +389,7 @@ fn throttle(fs: &mut Fs) -> Option<Duration> {
     if fs.map.pagesupply.fetch_sub(1, Ordering::Relaxed) > 0 {
         return None;
     }
-    fs.map
-        .pagesupply
-        .store(((1000 - load) / 10) as i64, Ordering::Relaxed);
+    fs.map.pagesupply.store(((1000 - load) / 10) as i64, Ordering::Relaxed);
     fs.didlimit = true;
     Some(c.ratelimit_max_sleep.mul_f64(load as f64 / 1000.0))
 }
@@ -474,11 +418,7 @@ pub(crate) fn resolve(
         let depth = chain.len();
         if g.dead {
             // A dead backing object was collapsed away under us: look again.
-            return if depth == 0 {
-                Step::Err(FaultError::Protection)
-            } else {
-                Step::Retry
-            };
+            return if depth == 0 { Step::Err(FaultError::Protection) } else { Step::Retry };
         }
         if let Some(pg) = g.pages.get(&pindex) {
             if pg.has(pf::BUSY) || !pg.has(pf::VALID) {
@@ -488,9 +428,7 @@ pub(crate) fn resolve(
             found_depth = Some(depth);
             break;
         }
-        let trypager = g.pager.is_some()
-            && (!fs.flags.has(FaultFlags::WIRE) || fs.wired)
-            && !fs.skip.contains(&obj.id);
+        let trypager = g.pager.is_some() && (!fs.flags.has(FaultFlags::WIRE) || fs.wired) && !fs.skip.contains(&obj.id);
         if (trypager || depth == 0) && pindex >= g.size {
             return Step::Err(FaultError::Protection);
         }
@@ -558,32 +496,15 @@ pub(crate) fn resolve(
         let Some(fr) = vm.pool.alloc(o.pref_frame(p)) else {
             return Step::NoMemory;
         };
-        g.pages
-            .insert(p, Page::new(fr, pf::VALID | pf::DIRTY | pf::ZERO));
-        return Step::Ok(Found {
-            g,
-            obj: o,
-            pindex: p,
-            prot,
-            kind: FaultKind::ZeroFill,
-        });
+        g.pages.insert(p, Page::new(fr, pf::VALID | pf::DIRTY | pf::ZERO));
+        return Step::Ok(Found { g, obj: o, pindex: p, prot, kind: FaultKind::ZeroFill });
     };
-    let plain = if fs.hardfault {
-        FaultKind::PagerIn
-    } else {
-        FaultKind::Soft
-    };
+    let plain = if fs.hardfault { FaultKind::PagerIn } else { FaultKind::Soft };
     if depth == 0 {
         let Some((o, g, p)) = chain.pop() else {
             return Step::Retry;
         };
-        return Step::Ok(Found {
-            g,
-            obj: o,
-            pindex: p,
-            prot,
-            kind: plain,
-        });
+        return Step::Ok(Found { g, obj: o, pindex: p, prot, kind: plain });
     }
     let Some((bo, mut bg, bp)) = chain.pop() else {
         return Step::Retry;
@@ -595,23 +516,14 @@ pub(crate) fn resolve(
         if let Some(pg) = bg.pages.get_mut(&bp) {
             pg.set(pf::REFERENCED);
         }
-        return Step::Ok(Found {
-            g: bg,
-            obj: bo,
-            pindex: bp,
-            prot,
-            kind: plain,
-        });
+        return Step::Ok(Found { g: bg, obj: bo, pindex: bp, prot, kind: plain });
     }
     chain.truncate(1);
     let Some((fo, mut fg, fp)) = chain.pop() else {
         return Step::Retry;
     };
     let (can_move, src) = match bg.pages.get(&bp) {
-        Some(pg) => (
-            pg.wire_count == 0 && pg.hold_count == 0 && !pg.has(pf::FICTITIOUS),
-            pg.frame,
-        ),
+        Some(pg) => (pg.wire_count == 0 && pg.hold_count == 0 && !pg.has(pf::FICTITIOUS), pg.frame),
         None => return Step::Retry,
     };
     // The seed's rename conditions (the map lock is held, so the generation
@@ -634,13 +546,7 @@ pub(crate) fn resolve(
         page.set(pf::DIRTY | pf::REFERENCED);
         page.clear(pf::ZERO);
         fg.pages.insert(fp, page);
-        return Step::Ok(Found {
-            g: fg,
-            obj: fo,
-            pindex: fp,
-            prot,
-            kind: FaultKind::CowRename,
-        });
+        return Step::Ok(Found { g: fg, obj: fo, pindex: fp, prot, kind: FaultKind::CowRename });
     }
     let Some(fr) = vm.pool.alloc(fo.pref_frame(fp)) else {
         return Step::NoMemory;
@@ -654,13 +560,7 @@ pub(crate) fn resolve(
     }
     drop(bg);
     fg.pages.insert(fp, Page::new(fr, pf::VALID | pf::DIRTY));
-    Step::Ok(Found {
-        g: fg,
-        obj: fo,
-        pindex: fp,
-        prot,
-        kind: FaultKind::CowCopy,
-    })
+    Step::Ok(Found { g: fg, obj: fo, pindex: fp, prot, kind: FaultKind::CowCopy })
 }
 
 /// Frees behind a sequential reader: clean pages cached, dirty ones unmapped
@@ -683,11 +583,7 @@ fn free_behind(vm: &Vm, fg: &mut ObjGuard, first_pindex: u64) {
             pg.set(pf::DIRTY);
         }
         pg.clear(pf::REFERENCED);
-        pg.queue = if pg.has(pf::DIRTY) {
-            Queue::Inactive
-        } else {
-            Queue::Cache
-        };
+        pg.queue = if pg.has(pf::DIRTY) { Queue::Inactive } else { Queue::Cache };
     }
 }
 
@@ -710,10 +606,7 @@ fn prepare_pagein(
     let size = g.size;
     let (mut behind, mut ahead) = match e.behavior {
         Behavior::Random => (0, 0),
-        _ => (
-            pindex.min(READ_BEHIND),
-            size.saturating_sub(pindex).clamp(1, READ_AHEAD),
-        ),
+        _ => (pindex.min(READ_BEHIND), size.saturating_sub(pindex).clamp(1, READ_AHEAD)),
     };
     let lastr = e.lastr.load(Ordering::Relaxed);
     let in_window = pindex >= lastr && pindex < lastr.saturating_add(READ_WINDOW);
@@ -730,11 +623,7 @@ fn prepare_pagein(
     let Some(req_frame) = vm.pool.alloc(obj.pref_frame(pindex)) else {
         return Step::NoMemory;
     };
-    let io = |p: u64, f: Frame| PageIo {
-        pindex: p,
-        frame: f,
-        done: false,
-    };
+    let io = |p: u64, f: Frame| PageIo { pindex: p, frame: f, done: false };
     let mut ios: Vec<PageIo> = Vec::new();
     let mut reqpage = 0;
     let rahead = ahead.min(ca);
@@ -780,22 +669,14 @@ fn prepare_pagein(
         ios.push(io(pindex, req_frame));
     }
     // Imperfect, as in the seed: we do not know how much the pager reads.
-    e.lastr.store(
-        (pindex + ios.len() as u64).wrapping_sub(behind),
-        Ordering::Relaxed,
-    );
+    e.lastr.store((pindex + ios.len() as u64).wrapping_sub(behind), Ordering::Relaxed);
     for x in &ios {
         let mut p = Page::new(x.frame, pf::BUSY);
         p.queue = Queue::None;
         g.pages.insert(x.pindex, p);
     }
     g.pip += 1;
-    Step::PageIn(PageInReq {
-        obj: obj.clone(),
-        pager,
-        ios,
-        reqpage,
-    })
+    Step::PageIn(PageInReq { obj: obj.clone(), pager, ios, reqpage })
 }
 
 /// Undoes a page-in's placeholders unless committed.
@@ -812,10 +693,7 @@ impl Drop for PlaceholderGuard<'_> {
         g.pip = g.pip.saturating_sub(1);
         if !self.committed {
             for x in self.ios {
-                if g.pages
-                    .get(&x.pindex)
-                    .is_some_and(|p| p.has(pf::BUSY) && p.frame == x.frame)
-                {
+                if g.pages.get(&x.pindex).is_some_and(|p| p.has(pf::BUSY) && p.frame == x.frame) {
                     g.pages.remove(&x.pindex);
                     self.vm.pool.free(x.frame, true);
                 }
@@ -829,24 +707,14 @@ impl Drop for PlaceholderGuard<'_> {
 /// Runs the pager with no lock held (`vm_pager_get_pages`).
 fn page_in(fs: &mut Fs, mut req: PageInReq) -> Result<(), FaultError> {
     let vm = fs.vm;
-    let r = req
-        .pager
-        .get_pages(req.obj.id, &vm.pool, &mut req.ios, req.reqpage);
-    let mut guard = PlaceholderGuard {
-        vm,
-        obj: &req.obj,
-        ios: &req.ios,
-        committed: false,
-    };
+    let r = req.pager.get_pages(req.obj.id, &vm.pool, &mut req.ios, req.reqpage);
+    let mut guard = PlaceholderGuard { vm, obj: &req.obj, ios: &req.ios, committed: false };
     match r {
         Ok(()) if req.ios.get(req.reqpage).is_some_and(|x| x.done) => {
             let mut g = req.obj.lock();
             let mut n = 0;
             for (i, x) in req.ios.iter().enumerate() {
-                let ours = g
-                    .pages
-                    .get(&x.pindex)
-                    .is_some_and(|p| p.has(pf::BUSY) && p.frame == x.frame);
+                let ours = g.pages.get(&x.pindex).is_some_and(|p| p.has(pf::BUSY) && p.frame == x.frame);
                 if !ours {
                     continue;
                 }
@@ -898,11 +766,7 @@ fn prefault(fs: &Fs, e: &MapEntry, vaddr: u64, out: &mut Vec<(u64, Frame, Prot)>
     }
     for i in 1..=n {
         for up in [false, true] {
-            let a = if up {
-                vaddr.checked_add(i * PS)
-            } else {
-                vaddr.checked_sub(i * PS)
-            };
+            let a = if up { vaddr.checked_add(i * PS) } else { vaddr.checked_sub(i * PS) };
             let Some(a) = a else { continue };
             if a < e.start || a >= e.end {
                 continue;
@@ -919,11 +783,7 @@ fn prefault(fs: &Fs, e: &MapEntry, vaddr: u64, out: &mut Vec<(u64, Frame, Prot)>
                     if pg.has(pf::BUSY) || !pg.has(pf::VALID) {
                         return;
                     }
-                    let mut prot = if depth == 0 {
-                        base
-                    } else {
-                        base.without(Prot::WRITE)
-                    };
+                    let mut prot = if depth == 0 { base } else { base.without(Prot::WRITE) };
                     if !pg.has(pf::DIRTY) {
                         prot = prot.without(Prot::WRITE);
                     }
@@ -958,12 +818,7 @@ fn prefault(fs: &Fs, e: &MapEntry, vaddr: u64, out: &mut Vec<(u64, Frame, Prot)>
 /// Resolves a run of `npages` pages from `addr` in one call (fault-around
 /// for the VMM). Pages already mapped are skipped for reads. Stops at the
 /// first error after the first page.
-pub fn fault_range(
-    map: &Map,
-    addr: u64,
-    npages: u64,
-    access: Prot,
-) -> Result<Vec<Resolved>, FaultError> {
+pub fn fault_range(map: &Map, addr: u64, npages: u64, access: Prot) -> Result<Vec<Resolved>, FaultError> {
     let base = addr & !(PS - 1);
     let mut out = Vec::with_capacity(npages as usize);
     for i in 0..npages {
@@ -982,13 +837,7 @@ pub fn fault_range(
 
 /// Faults one page in without holding it (`vm_fault_quick`).
 pub fn quick_fault(map: &Map, addr: u64, write: bool) -> Result<(), FaultError> {
-    fault(
-        map,
-        addr,
-        if write { Prot::WRITE } else { Prot::READ },
-        FaultFlags::NO_PREFAULT,
-    )
-    .map(|_| ())
+    fault(map, addr, if write { Prot::WRITE } else { Prot::READ }, FaultFlags::NO_PREFAULT).map(|_| ())
 }
 
 /// Lets the VMM touch guest memory `[addr, addr+len)`: each page is brought
@@ -1039,14 +888,10 @@ pub fn access(
 /// Reads guest memory through the pager.
 pub fn read_guest(map: &Map, addr: u64, buf: &mut [u8]) -> Result<(), FaultError> {
     let len = buf.len();
-    access(map, addr, len, false, |o, b| {
-        buf[o..o + b.len()].copy_from_slice(b)
-    })
+    access(map, addr, len, false, |o, b| buf[o..o + b.len()].copy_from_slice(b))
 }
 
 /// Writes guest memory through the pager.
 pub fn write_guest(map: &Map, addr: u64, buf: &[u8]) -> Result<(), FaultError> {
-    access(map, addr, buf.len(), true, |o, b| {
-        b.copy_from_slice(&buf[o..o + b.len()])
-    })
+    access(map, addr, buf.len(), true, |o, b| b.copy_from_slice(&buf[o..o + b.len()]))
 }

@@ -77,19 +77,13 @@ impl FramePool {
         // SAFETY: plain syscalls with valid arguments; results checked.
         let raw = unsafe { libc::memfd_create(c"vkvm-frames".as_ptr(), libc::MFD_CLOEXEC) };
         if raw < 0 {
-            return Err(PoolError::Host(
-                "memfd_create",
-                std::io::Error::last_os_error(),
-            ));
+            return Err(PoolError::Host("memfd_create", std::io::Error::last_os_error()));
         }
         // SAFETY: raw is a fresh fd we own.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         // SAFETY: valid fd.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
-            return Err(PoolError::Host(
-                "ftruncate",
-                std::io::Error::last_os_error(),
-            ));
+            return Err(PoolError::Host("ftruncate", std::io::Error::last_os_error()));
         }
         // SAFETY: mapping a file we own; checked for MAP_FAILED.
         let base = unsafe {
@@ -308,9 +302,7 @@ impl FramePool {
     pub fn read(&self, frame: Frame, off: usize, buf: &mut [u8]) -> Result<(), PoolError> {
         self.check(frame, off, buf.len())?;
         // SAFETY: bounds checked above.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr(frame).add(off), buf.as_mut_ptr(), buf.len())
-        };
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr(frame).add(off), buf.as_mut_ptr(), buf.len()) };
         Ok(())
     }
 
@@ -355,11 +347,6 @@ impl FramePool {
 impl Drop for FramePool {
     fn drop(&mut self) {
         // SAFETY: unmapping our own mapping.
-        unsafe {
-            libc::munmap(
-                self.base as *mut libc::c_void,
-                self.nframes as usize * PAGE_SIZE,
-            )
-        };
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.nframes as usize * PAGE_SIZE) };
     }
 }

@@ -18,8 +18,7 @@ pub mod vpagetable;
 pub mod vpte;
 
 pub use fault::{
-    access, fault, fault_range, quick_fault, read_guest, write_guest, FaultError, FaultFlags,
-    FaultKind, Held, Resolved,
+    access, fault, fault_range, quick_fault, read_guest, write_guest, FaultError, FaultFlags, FaultKind, Held, Resolved,
 };
 pub use frame::{Frame, FramePool, PAGE_SIZE};
 pub use map::{Behavior, FileMode, Inherit, Map, MapError, MapType};

@@ -169,18 +169,10 @@ pub(crate) struct MapInner {
 
 impl MapInner {
     pub(crate) fn lookup(&self, addr: u64) -> Option<&MapEntry> {
-        self.entries
-            .range(..=addr)
-            .next_back()
-            .map(|(_, e)| e)
-            .filter(|e| addr < e.end)
+        self.entries.range(..=addr).next_back().map(|(_, e)| e).filter(|e| addr < e.end)
     }
     pub(crate) fn lookup_mut(&mut self, addr: u64) -> Option<&mut MapEntry> {
-        self.entries
-            .range_mut(..=addr)
-            .next_back()
-            .map(|(_, e)| e)
-            .filter(|e| addr < e.end)
+        self.entries.range_mut(..=addr).next_back().map(|(_, e)| e).filter(|e| addr < e.end)
     }
     /// Splits the entry containing `at` so that an entry starts at `at`.
     fn clip(&mut self, at: u64) {
@@ -233,10 +225,7 @@ impl Map {
             vm: vm.clone(),
             pmap,
             pmap_id: id,
-            inner: RwLock::new(MapInner {
-                entries: BTreeMap::new(),
-                timestamp: 0,
-            }),
+            inner: RwLock::new(MapInner { entries: BTreeMap::new(), timestamp: 0 }),
             pagesupply: AtomicI64::new(0),
         })
     }
@@ -277,11 +266,7 @@ impl Map {
             return Err(MapError::Protection);
         }
         let mut g = self.inner.write();
-        if g.entries
-            .range(..end)
-            .next_back()
-            .is_some_and(|(_, e)| e.end > start)
-        {
+        if g.entries.range(..end).next_back().is_some_and(|(_, e)| e.end > start) {
             return Err(MapError::InUse);
         }
         g.entries.insert(
@@ -309,35 +294,14 @@ impl Map {
     pub fn map_anon(&self, start: u64, len: u64, prot: Prot) -> Result<ObjHandle, MapError> {
         check_range(start, len)?;
         let obj = self.vm.anonymous(len / PS);
-        self.map_object(
-            start,
-            len,
-            obj.clone(),
-            0,
-            prot,
-            Prot::ALL,
-            Inherit::Copy,
-            false,
-        )?;
+        self.map_object(start, len, obj.clone(), 0, prot, Prot::ALL, Inherit::Copy, false)?;
         Ok(obj)
     }
 
     /// Maps a file object in one of the three modes.
-    pub fn map_file(
-        &self,
-        start: u64,
-        len: u64,
-        obj: &ObjHandle,
-        offset: u64,
-        mode: FileMode,
-    ) -> Result<(), MapError> {
+    pub fn map_file(&self, start: u64, len: u64, obj: &ObjHandle, offset: u64, mode: FileMode) -> Result<(), MapError> {
         let (prot, max, inherit, cow) = match mode {
-            FileMode::ReadOnly => (
-                Prot::READ | Prot::EXEC,
-                Prot::READ | Prot::EXEC,
-                Inherit::Copy,
-                false,
-            ),
+            FileMode::ReadOnly => (Prot::READ | Prot::EXEC, Prot::READ | Prot::EXEC, Inherit::Copy, false),
             FileMode::Shared => (Prot::ALL, Prot::ALL, Inherit::Share, false),
             FileMode::Private => (Prot::ALL, Prot::ALL, Inherit::Copy, true),
         };
@@ -357,16 +321,7 @@ impl Map {
         if !(1..=crate::vpte::VPTE_MAX_LEVELS).contains(&levels) {
             return Err(MapError::WrongType);
         }
-        self.map_object(
-            start,
-            len,
-            object,
-            offset,
-            Prot::ALL,
-            Prot::ALL,
-            Inherit::Share,
-            false,
-        )?;
+        self.map_object(start, len, object, offset, Prot::ALL, Prot::ALL, Inherit::Share, false)?;
         let mut g = self.inner.write();
         if let Some(e) = g.lookup_mut(start) {
             e.maptype = MapType::VPageTable { master: 0, levels };
@@ -402,10 +357,7 @@ impl Map {
         let end = check_range(start, len)?;
         let mut g = self.inner.write();
         g.clip_range(start, end)?;
-        if g.entries
-            .range(start..end)
-            .any(|(_, e)| !e.max_protection.contains(prot))
-        {
+        if g.entries.range(start..end).any(|(_, e)| !e.max_protection.contains(prot)) {
             return Err(MapError::Protection);
         }
         for (_, e) in g.entries.range_mut(start..end) {
@@ -514,10 +466,7 @@ impl Map {
         let end = check_range(start, len)?;
         {
             let g = self.inner.read();
-            if g.entries
-                .range(..end)
-                .any(|(_, e)| e.end > start && e.start < end && e.wired_count == 0)
-            {
+            if g.entries.range(..end).any(|(_, e)| e.end > start && e.start < end && e.wired_count == 0) {
                 return Err(MapError::NotMapped);
             }
         }
@@ -560,8 +509,7 @@ impl Map {
             if e.inherit == Inherit::Copy {
                 e.needs_copy = true;
                 if e.protection.writable() {
-                    self.pmap
-                        .protect(e.start, e.end, e.protection.without(Prot::WRITE));
+                    self.pmap.protect(e.start, e.end, e.protection.without(Prot::WRITE));
                 }
             }
             let mut ne = e.split_clone(e.start);
@@ -575,10 +523,7 @@ impl Map {
     }
 
     /// Resident lookup through the chain for `addr`: (object, pindex, frame).
-    pub fn resident_page(
-        &self,
-        addr: u64,
-    ) -> Option<(Arc<crate::object::Object>, u64, crate::frame::Frame)> {
+    pub fn resident_page(&self, addr: u64) -> Option<(Arc<crate::object::Object>, u64, crate::frame::Frame)> {
         let g = self.inner.read();
         let e = g.lookup(addr)?;
         find_resident(e.object.arc(), e.pindex(addr)).map(|(o, p, f, _)| (o, p, f))

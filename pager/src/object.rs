@@ -106,6 +106,12 @@ impl Object {
         }
     }
 
+    /// The frames reserved for this object's pages (`base + pindex`), if
+    /// any: a VMM maps them contiguously so guest pages stay mergeable.
+    pub fn preferred_frames(&self) -> Option<(Frame, u64)> {
+        self.frame_base.map(|b| (b, self.frame_len))
+    }
+
     /// Waits until page `pindex` is not busy (or gone). Never spins.
     pub(crate) fn wait_unbusy(&self, pindex: u64) {
         let mut g = self.st.lock();
@@ -141,9 +147,7 @@ impl Object {
     /// Backing object and offset in pages.
     pub fn backing(&self) -> Option<(Arc<Object>, u64)> {
         let g = self.st.lock();
-        g.backing
-            .as_ref()
-            .map(|b| (b.arc().clone(), g.backing_offset))
+        g.backing.as_ref().map(|b| (b.arc().clone(), g.backing_offset))
     }
     /// Shadow chain length from this object down (1 = no backing).
     pub fn chain_len(self: &Arc<Object>) -> usize {
@@ -185,17 +189,9 @@ impl Object {
             for (&p, page) in g.pages.iter_mut() {
                 if page.has(pf::DIRTY) && !page.has(pf::BUSY) && page.has(pf::VALID) {
                     page.set(pf::BUSY);
-                    crate::pmap::protect_mappings(
-                        &self.vm,
-                        page,
-                        crate::vm::Prot::READ | crate::vm::Prot::EXEC,
-                    );
+                    crate::pmap::protect_mappings(&self.vm, page, crate::vm::Prot::READ | crate::vm::Prot::EXEC);
                     page.clear(pf::DIRTY);
-                    ios.push(crate::pager::PageIo {
-                        pindex: p,
-                        frame: page.frame,
-                        done: false,
-                    });
+                    ios.push(crate::pager::PageIo { pindex: p, frame: page.frame, done: false });
                 }
             }
             (pager, ios)
@@ -297,8 +293,7 @@ fn deallocate(obj: Arc<Object>) {
 fn unlink_shadow(backing: &Object, shadow: &Arc<Object>, replace: Option<Weak<Object>>) {
     let mut bg = backing.st.lock();
     let me = Arc::as_ptr(shadow);
-    bg.shadows
-        .retain(|w| w.as_ptr() != me && w.strong_count() > 0);
+    bg.shadows.retain(|w| w.as_ptr() != me && w.strong_count() > 0);
     match replace {
         Some(w) => bg.shadows.push(w),
         None => bg.shadow_count = bg.shadow_count.saturating_sub(1),
@@ -312,13 +307,7 @@ fn terminate(obj: &Arc<Object>) {
         // Wait out I/O in progress on our pages.
         while g.pages.values().any(|p| p.has(pf::BUSY)) {
             drop(g);
-            let busy = obj
-                .st
-                .lock()
-                .pages
-                .iter()
-                .find(|(_, p)| p.has(pf::BUSY))
-                .map(|(k, _)| *k);
+            let busy = obj.st.lock().pages.iter().find(|(_, p)| p.has(pf::BUSY)).map(|(k, _)| *k);
             if let Some(k) = busy {
                 obj.wait_unbusy(k);
             }
@@ -326,11 +315,7 @@ fn terminate(obj: &Arc<Object>) {
         }
         g.dead = true;
         g.generation += 1;
-        (
-            std::mem::take(&mut g.pages),
-            g.backing.take(),
-            g.pager.clone(),
-        )
+        (std::mem::take(&mut g.pages), g.backing.take(), g.pager.clone())
     };
     for (_, mut page) in pages {
         remove_mappings(&obj.vm, &mut page);
@@ -376,10 +361,7 @@ pub fn collapse(top: &Arc<Object>) -> usize {
             && sg.pip == 0
             && bg.handle.is_none()
             && matches!(bg.kind, ObjectKind::Anonymous | ObjectKind::Swap)
-            && !bg
-                .pages
-                .values()
-                .any(|p| p.has(pf::BUSY) || p.hold_count > 0)
+            && !bg.pages.values().any(|p| p.has(pf::BUSY) || p.hold_count > 0)
             && !sg.pages.values().any(|p| p.has(pf::BUSY));
         if !ok {
             return merged;
@@ -393,9 +375,7 @@ pub fn collapse(top: &Arc<Object>) -> usize {
             let shadowed = p < off
                 || np >= size
                 || sg.pages.contains_key(&np)
-                || top_pager
-                    .as_ref()
-                    .is_some_and(|tp| tp.has_page(top.id, np).is_some());
+                || top_pager.as_ref().is_some_and(|tp| tp.has_page(top.id, np).is_some());
             if shadowed {
                 to_free.push(page);
             } else {

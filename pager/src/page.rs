@@ -104,14 +104,7 @@ pub struct Page {
 
 impl Page {
     pub(crate) fn new(frame: Frame, flags: u8) -> Page {
-        Page {
-            frame,
-            flags,
-            queue: Queue::Inactive,
-            wire_count: 0,
-            hold_count: 0,
-            rmap: Rmap::Empty,
-        }
+        Page { frame, flags, queue: Queue::Inactive, wire_count: 0, hold_count: 0, rmap: Rmap::Empty }
     }
     #[inline]
     pub(crate) fn has(&self, f: u8) -> bool {

@@ -123,11 +123,7 @@ fn scan_object(vm: &Vm, obj: &Arc<Object>, pass: u32, free_target: u64, rep: &mu
             } else if can_swap && batch.len() < WRITE_BATCH {
                 page.set(pf::BUSY);
                 page.queue = Queue::Inactive;
-                batch.push(PageIo {
-                    pindex: p,
-                    frame: page.frame,
-                    done: false,
-                });
+                batch.push(PageIo { pindex: p, frame: page.frame, done: false });
             } else {
                 page.queue = Queue::Inactive;
             }
@@ -198,26 +194,20 @@ impl PageoutDaemon {
     pub fn start(vm: &Arc<Vm>) -> std::io::Result<PageoutDaemon> {
         let stop = Arc::new(AtomicBool::new(false));
         let (s, v) = (stop.clone(), vm.clone());
-        let handle = std::thread::Builder::new()
-            .name("pageout".into())
-            .spawn(move || {
-                while !s.load(Ordering::Relaxed) {
-                    {
-                        let mut g = v.pageout_lock.lock();
-                        if v.pool.free_count() >= v.config.free_target * 2 {
-                            let _ = v.pageout_wake.wait_for(&mut g, Duration::from_millis(20));
-                        }
-                    }
-                    if v.pool.free_count() < v.config.free_target * 2 {
-                        run_once(&v, v.config.free_target * 2);
+        let handle = std::thread::Builder::new().name("pageout".into()).spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                {
+                    let mut g = v.pageout_lock.lock();
+                    if v.pool.free_count() >= v.config.free_target * 2 {
+                        let _ = v.pageout_wake.wait_for(&mut g, Duration::from_millis(20));
                     }
                 }
-            })?;
-        Ok(PageoutDaemon {
-            stop,
-            vm: vm.clone(),
-            handle: Some(handle),
-        })
+                if v.pool.free_count() < v.config.free_target * 2 {
+                    run_once(&v, v.config.free_target * 2);
+                }
+            }
+        })?;
+        Ok(PageoutDaemon { stop, vm: vm.clone(), handle: Some(handle) })
     }
 }
 

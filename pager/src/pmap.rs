@@ -130,12 +130,7 @@ impl SoftPmap {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    fn range_apply(
-        &self,
-        start: u64,
-        end: u64,
-        mut f: impl FnMut(&mut HashMap<Vpn, SoftPte>, Vpn),
-    ) {
+    fn range_apply(&self, start: u64, end: u64, mut f: impl FnMut(&mut HashMap<Vpn, SoftPte>, Vpn)) {
         let mut m = self.ptes.lock();
         let (s, e) = (start >> 12, end.div_ceil(PAGE_SIZE as u64));
         if e.saturating_sub(s) <= m.len() as u64 * 2 {
@@ -153,16 +148,7 @@ impl SoftPmap {
 
 impl Pmap for SoftPmap {
     fn enter(&self, addr: u64, frame: Frame, prot: Prot, wired: bool) {
-        self.ptes.lock().insert(
-            addr >> 12,
-            SoftPte {
-                frame,
-                prot,
-                a: false,
-                d: false,
-                wired,
-            },
-        );
+        self.ptes.lock().insert(addr >> 12, SoftPte { frame, prot, a: false, d: false, wired });
     }
     fn remove(&self, start: u64, end: u64) {
         self.range_apply(start, end, |m, v| {
@@ -180,16 +166,10 @@ impl Pmap for SoftPmap {
         self.ptes.lock().get(&(addr >> 12)).map(|p| p.frame)
     }
     fn test_and_clear_referenced(&self, addr: u64) -> bool {
-        self.ptes
-            .lock()
-            .get_mut(&(addr >> 12))
-            .is_some_and(|p| std::mem::replace(&mut p.a, false))
+        self.ptes.lock().get_mut(&(addr >> 12)).is_some_and(|p| std::mem::replace(&mut p.a, false))
     }
     fn test_and_clear_modified(&self, addr: u64) -> bool {
-        self.ptes
-            .lock()
-            .get_mut(&(addr >> 12))
-            .is_some_and(|p| std::mem::replace(&mut p.d, false))
+        self.ptes.lock().get_mut(&(addr >> 12)).is_some_and(|p| std::mem::replace(&mut p.d, false))
     }
 }
 

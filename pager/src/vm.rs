@@ -234,8 +234,7 @@ impl Vm {
             let (path, unlink) = match &config.swap_path {
                 Some(p) => (p.clone(), false),
                 None => {
-                    let n = std::process::id() as u64 * 1_000_003
-                        + NEXT_SWAP.fetch_add(1, Ordering::Relaxed);
+                    let n = std::process::id() as u64 * 1_000_003 + NEXT_SWAP.fetch_add(1, Ordering::Relaxed);
                     (std::env::temp_dir().join(format!("vkvm-swap-{n}")), true)
                 }
             };
@@ -300,11 +299,7 @@ impl Vm {
     }
 
     pub(crate) fn pmap(&self, id: PmapId) -> Option<Arc<dyn Pmap>> {
-        self.pmaps
-            .read()
-            .get(id as usize)
-            .and_then(|w| w.as_ref())
-            .and_then(|w| w.upgrade())
+        self.pmaps.read().get(id as usize).and_then(|w| w.as_ref()).and_then(|w| w.upgrade())
     }
 
     /// Live objects (for pageout).
@@ -337,24 +332,14 @@ impl Vm {
         writable: bool,
         hook: Option<Arc<FailHook>>,
     ) -> Result<ObjHandle, VmError> {
-        let fp = crate::pager::file::FilePager::new(file, writable, hook)
-            .map_err(|e| VmError::Io("file".into(), e))?;
+        let fp = crate::pager::file::FilePager::new(file, writable, hook).map_err(|e| VmError::Io("file".into(), e))?;
         let pages = fp.len().div_ceil(crate::frame::PAGE_SIZE as u64);
         let id = self.new_id();
-        Ok(Object::create(
-            self,
-            ObjectKind::File,
-            pages,
-            Some(Arc::new(fp)),
-            Some(id),
-        ))
+        Ok(Object::create(self, ObjectKind::File, pages, Some(Arc::new(fp)), Some(id)))
     }
 
     /// A device object of `pages` fixed frames (outside the budget).
-    pub fn device_object(
-        self: &Arc<Vm>,
-        pages: u64,
-    ) -> Result<(ObjHandle, Vec<crate::frame::Frame>), VmError> {
+    pub fn device_object(self: &Arc<Vm>, pages: u64) -> Result<(ObjHandle, Vec<crate::frame::Frame>), VmError> {
         let mut frames = Vec::new();
         for _ in 0..pages {
             match self.pool.alloc_unbudgeted() {
@@ -369,16 +354,7 @@ impl Vm {
         }
         let dp = crate::pager::device::DevicePager::new(frames.clone());
         let id = self.new_id();
-        Ok((
-            Object::create(
-                self,
-                ObjectKind::Device,
-                pages,
-                Some(Arc::new(dp)),
-                Some(id),
-            ),
-            frames,
-        ))
+        Ok((Object::create(self, ObjectKind::Device, pages, Some(Arc::new(dp)), Some(id)), frames))
     }
 
     /// Wakes the pageout daemon.

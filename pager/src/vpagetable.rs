@@ -50,11 +50,7 @@ pub(crate) fn walk(
     let mut write_ok = true;
     let mut nx = false;
     let mut path: SmallVec<[PathEnt; 4]> = SmallVec::new();
-    let pt_access = if e.protection.writable() {
-        Prot::RW
-    } else {
-        Prot::READ
-    };
+    let pt_access = if e.protection.writable() { Prot::RW } else { Prot::READ };
     loop {
         if vpte & VPTE_V == 0 {
             return Step::Err(FaultError::Failure);
@@ -75,23 +71,11 @@ pub(crate) fn walk(
             break;
         }
         // Table pages come through the normal object path (may be paged out).
-        let Found {
-            g: mut og,
-            obj,
-            pindex,
-            ..
-        } = match resolve(
-            fs,
-            e,
-            first,
-            vpte_pindex(vpte),
-            pt_access,
-            first_prot,
-            timestamp,
-        ) {
-            Step::Ok(f) => f,
-            other => return other.cast(),
-        };
+        let Found { g: mut og, obj, pindex, .. } =
+            match resolve(fs, e, first, vpte_pindex(vpte), pt_access, first_prot, timestamp) {
+                Step::Ok(f) => f,
+                other => return other.cast(),
+            };
         let Some(page) = og.pages.get_mut(&pindex) else {
             return Step::Retry;
         };
@@ -110,19 +94,9 @@ pub(crate) fn walk(
             return Step::Err(FaultError::Failure);
         };
         vpte = word.load(Ordering::Acquire);
-        path.push(PathEnt {
-            held,
-            obj,
-            pindex,
-            frame,
-            idx,
-        });
+        path.push(PathEnt { held, obj, pindex, frame, idx });
     }
-    let low = if vshift >= 64 {
-        va_pindex
-    } else {
-        va_pindex & ((1u64 << vshift) - 1)
-    };
+    let low = if vshift >= 64 { va_pindex } else { va_pindex & ((1u64 << vshift) - 1) };
     let pindex = vpte_pindex(vpte).wrapping_add(low);
     let mut prot = first_prot;
     if !write_ok || (!fault_type.writable() && vpte & (VPTE_RW | VPTE_M) != (VPTE_RW | VPTE_M)) {

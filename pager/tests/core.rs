@@ -13,35 +13,15 @@ fn shadow_chain_first_hit_wins() {
     let (o, mp) = mem_object(&vm, 16, 16, (0, 0));
     let s = o.shadow(16, 0);
     let m = machine(&vm);
-    m.map
-        .map_object(
-            B,
-            16 * PS,
-            s.clone(),
-            0,
-            Prot::RW,
-            Prot::ALL,
-            Inherit::Copy,
-            false,
-        )
-        .unwrap();
+    m.map.map_object(B, 16 * PS, s.clone(), 0, Prot::RW, Prot::ALL, Inherit::Copy, false).unwrap();
     // Page 3 gets its own copy in S (COW from O); page 5 stays in O.
     fill(&m, B + 3 * PS, 0xBB);
     let t = s.clone().shadow(16, 0);
     let m2 = machine(&vm);
-    m2.map
-        .map_object(B, 16 * PS, t, 0, Prot::RW, Prot::ALL, Inherit::Copy, false)
-        .unwrap();
+    m2.map.map_object(B, 16 * PS, t, 0, Prot::RW, Prot::ALL, Inherit::Copy, false).unwrap();
     let calls = mp.calls.lock().len();
-    assert!(
-        all(&page_bytes(&m2, B + 3 * PS), 0xBB),
-        "S's page must win over O's"
-    );
-    assert_eq!(
-        mp.calls.lock().len(),
-        calls,
-        "O's pager must not be asked for a page S has"
-    );
+    assert!(all(&page_bytes(&m2, B + 3 * PS), 0xBB), "S's page must win over O's");
+    assert_eq!(mp.calls.lock().len(), calls, "O's pager must not be asked for a page S has");
     assert!(all(&page_bytes(&m2, B + 5 * PS), 5));
     drop(s);
 }
@@ -53,18 +33,7 @@ fn zero_fill_in_top_object() {
     let s = o.clone().shadow(8, 0);
     let t = s.clone().shadow(8, 0);
     let m = machine(&vm);
-    m.map
-        .map_object(
-            B,
-            8 * PS,
-            t.clone(),
-            0,
-            Prot::RW,
-            Prot::ALL,
-            Inherit::Copy,
-            false,
-        )
-        .unwrap();
+    m.map.map_object(B, 8 * PS, t.clone(), 0, Prot::RW, Prot::ALL, Inherit::Copy, false).unwrap();
     let r = fault(&m.map, B + 2 * PS, Prot::READ, FaultFlags::NONE).unwrap();
     assert_eq!(r.kind, FaultKind::ZeroFill);
     assert!(all(&page_bytes(&m, B + 2 * PS), 0));
@@ -114,29 +83,14 @@ fn write_fault_cow_copy() {
 
 #[test]
 fn write_fault_cow_rename() {
-    let vm = Vm::new(Config {
-        auto_collapse: false,
-        ..cfg(1024)
-    })
-    .unwrap();
+    let vm = Vm::new(Config { auto_collapse: false, ..cfg(1024) }).unwrap();
     let a = machine(&vm);
     let o = a.map.map_anon(B, 4 * PS, Prot::RW).unwrap();
     fill(&a, B, 0x44);
     let frame = a.pmap.extract(B).unwrap();
     let s = o.shadow(4, 0);
     let b = machine(&vm);
-    b.map
-        .map_object(
-            B,
-            4 * PS,
-            s.clone(),
-            0,
-            Prot::RW,
-            Prot::ALL,
-            Inherit::Copy,
-            false,
-        )
-        .unwrap();
+    b.map.map_object(B, 4 * PS, s.clone(), 0, Prot::RW, Prot::ALL, Inherit::Copy, false).unwrap();
     a.map.unmap(B, 4 * PS).unwrap();
     let (back, _) = s.backing().unwrap();
     assert_eq!(back.ref_count(), 1);
@@ -160,18 +114,7 @@ fn calls_after(
 ) -> Vec<(u64, usize, usize)> {
     let (o, mp) = mem_object(vm, size, size, limit);
     let m = machine(vm);
-    m.map
-        .map_object(
-            B,
-            size * PS,
-            o,
-            0,
-            Prot::READ,
-            Prot::ALL,
-            Inherit::Copy,
-            false,
-        )
-        .unwrap();
+    m.map.map_object(B, size * PS, o, 0, Prot::READ, Prot::ALL, Inherit::Copy, false).unwrap();
     m.map.madvise(B, size * PS, behavior).unwrap();
     for &p in pages {
         fault(&m.map, B + p * PS, Prot::READ, FaultFlags::NONE).unwrap();
@@ -183,43 +126,25 @@ fn calls_after(
 #[test]
 fn read_ahead_8_behind_7_clipped_by_pager_and_size() {
     let vm = vm(4096);
-    assert_eq!(
-        calls_after(&vm, 64, (100, 100), Behavior::Normal, &[20]),
-        vec![(13, 16, 7)]
-    );
+    assert_eq!(calls_after(&vm, 64, (100, 100), Behavior::Normal, &[20]), vec![(13, 16, 7)]);
     // Clipped by what the pager reports.
-    assert_eq!(
-        calls_after(&vm, 64, (2, 3), Behavior::Normal, &[20]),
-        vec![(18, 6, 2)]
-    );
+    assert_eq!(calls_after(&vm, 64, (2, 3), Behavior::Normal, &[20]), vec![(18, 6, 2)]);
     // Clipped by the object size.
-    assert_eq!(
-        calls_after(&vm, 24, (100, 100), Behavior::Normal, &[22]),
-        vec![(15, 9, 7)]
-    );
+    assert_eq!(calls_after(&vm, 24, (100, 100), Behavior::Normal, &[22]), vec![(15, 9, 7)]);
     // And at the start of the object.
-    assert_eq!(
-        calls_after(&vm, 64, (100, 100), Behavior::Normal, &[3]),
-        vec![(0, 12, 3)]
-    );
+    assert_eq!(calls_after(&vm, 64, (100, 100), Behavior::Normal, &[3]), vec![(0, 12, 3)]);
 }
 
 #[test]
 fn random_disables_clustering() {
     let vm = vm(4096);
-    assert_eq!(
-        calls_after(&vm, 64, (100, 100), Behavior::Random, &[20, 21]),
-        vec![(20, 1, 0), (21, 1, 0)]
-    );
+    assert_eq!(calls_after(&vm, 64, (100, 100), Behavior::Random, &[20, 21]), vec![(20, 1, 0), (21, 1, 0)]);
 }
 
 #[test]
 fn sequential_and_lastr_promote() {
     let vm = vm(4096);
-    assert_eq!(
-        calls_after(&vm, 64, (100, 100), Behavior::Sequential, &[20]),
-        vec![(20, 16, 0)]
-    );
+    assert_eq!(calls_after(&vm, 64, (100, 100), Behavior::Sequential, &[20]), vec![(20, 16, 0)]);
     // Normal: the first fault sets lastr = 0 + 9; a fault inside
     // [lastr, lastr + 16) promotes behind into ahead.
     let c = calls_after(&vm, 64, (100, 100), Behavior::Normal, &[0, 12]);
@@ -234,18 +159,7 @@ fn resident_neighbour_stops_cluster() {
     let vm = vm(4096);
     let (o, mp) = mem_object(&vm, 64, 64, (100, 100));
     let m = machine(&vm);
-    m.map
-        .map_object(
-            B,
-            64 * PS,
-            o,
-            0,
-            Prot::READ,
-            Prot::ALL,
-            Inherit::Copy,
-            false,
-        )
-        .unwrap();
+    m.map.map_object(B, 64 * PS, o, 0, Prot::READ, Prot::ALL, Inherit::Copy, false).unwrap();
     m.map.madvise(B, 64 * PS, Behavior::Random).unwrap();
     // (30 last, so lastr = 31 and 26 is outside the sequential window.)
     fault(&m.map, B + 22 * PS, Prot::READ, FaultFlags::NONE).unwrap();
@@ -261,23 +175,9 @@ fn pager_io_error_is_failure() {
     let vm = vm(1024);
     let (o, mp) = mem_object(&vm, 8, 8, (0, 0));
     let m = machine(&vm);
-    m.map
-        .map_object(
-            B,
-            8 * PS,
-            o.clone(),
-            0,
-            Prot::READ,
-            Prot::ALL,
-            Inherit::Copy,
-            false,
-        )
-        .unwrap();
+    m.map.map_object(B, 8 * PS, o.clone(), 0, Prot::READ, Prot::ALL, Inherit::Copy, false).unwrap();
     *mp.fail.lock() = Some(PagerError::Error);
-    assert_eq!(
-        fault(&m.map, B + PS, Prot::READ, FaultFlags::NONE).unwrap_err(),
-        FaultError::Failure
-    );
+    assert_eq!(fault(&m.map, B + PS, Prot::READ, FaultFlags::NONE).unwrap_err(), FaultError::Failure);
     assert_eq!(o.resident(), 0, "no placeholder left behind");
     assert!(m.pmap.extract(B + PS).is_none());
     *mp.fail.lock() = None;
@@ -289,37 +189,14 @@ fn pager_bad_and_beyond_size_is_protection() {
     let vm = vm(1024);
     let (o, mp) = mem_object(&vm, 4, 4, (0, 0));
     let m = machine(&vm);
-    m.map
-        .map_object(
-            B,
-            8 * PS,
-            o.clone(),
-            0,
-            Prot::READ,
-            Prot::ALL,
-            Inherit::Copy,
-            false,
-        )
-        .unwrap();
+    m.map.map_object(B, 8 * PS, o.clone(), 0, Prot::READ, Prot::ALL, Inherit::Copy, false).unwrap();
     *mp.fail.lock() = Some(PagerError::Bad);
-    assert_eq!(
-        fault(&m.map, B, Prot::READ, FaultFlags::NONE).unwrap_err(),
-        FaultError::Protection
-    );
+    assert_eq!(fault(&m.map, B, Prot::READ, FaultFlags::NONE).unwrap_err(), FaultError::Protection);
     *mp.fail.lock() = None;
-    assert_eq!(
-        fault(&m.map, B + 5 * PS, Prot::READ, FaultFlags::NONE).unwrap_err(),
-        FaultError::Protection
-    );
+    assert_eq!(fault(&m.map, B + 5 * PS, Prot::READ, FaultFlags::NONE).unwrap_err(), FaultError::Protection);
     // Write to a read-only entry, and an unmapped address.
-    assert_eq!(
-        fault(&m.map, B, Prot::WRITE, FaultFlags::NONE).unwrap_err(),
-        FaultError::Protection
-    );
-    assert_eq!(
-        fault(&m.map, 0x10, Prot::READ, FaultFlags::NONE).unwrap_err(),
-        FaultError::NotMapped
-    );
+    assert_eq!(fault(&m.map, B, Prot::WRITE, FaultFlags::NONE).unwrap_err(), FaultError::Protection);
+    assert_eq!(fault(&m.map, 0x10, Prot::READ, FaultFlags::NONE).unwrap_err(), FaultError::NotMapped);
     assert_eq!(o.resident(), 0);
 }
 
@@ -328,9 +205,7 @@ fn generation_change_retries() {
     let vm = vm(1024);
     let (o, mp) = mem_object(&vm, 8, 8, (0, 0));
     let m = machine(&vm);
-    m.map
-        .map_object(B, 8 * PS, o, 0, Prot::READ, Prot::ALL, Inherit::Copy, false)
-        .unwrap();
+    m.map.map_object(B, 8 * PS, o, 0, Prot::READ, Prot::ALL, Inherit::Copy, false).unwrap();
     m.map.map_anon(B + 64 * PS, PS, Prot::RW).unwrap();
     let map2 = m.map.clone();
     *mp.on_get.lock() = Some(Box::new(move || {
@@ -351,10 +226,7 @@ fn wired_entry_faults_with_own_prot_never_paged_out() {
     m.map.wire(B, 8 * PS).unwrap();
     assert_eq!(o.resident(), 8);
     for i in 0..8 {
-        assert!(
-            m.pmap.pte(B + i * PS).unwrap().prot.writable(),
-            "wired fault uses the entry's protection"
-        );
+        assert!(m.pmap.pte(B + i * PS).unwrap().prot.writable(), "wired fault uses the entry's protection");
         assert_eq!(o.with_page(i, |p| p.wire_count()), Some(1));
     }
     fill(&m, B, 0x5A);
@@ -389,11 +261,7 @@ fn single_ref_middle_object_collapses() {
         drop(child);
     }
     let top = a.map.object_at(B).unwrap();
-    assert!(
-        top.arc().chain_len() <= 2,
-        "chain stays short, got {}",
-        top.arc().chain_len()
-    );
+    assert!(top.arc().chain_len() <= 2, "chain stays short, got {}", top.arc().chain_len());
     assert!(vm.stats().snapshot().collapses >= 1);
     assert!(all(&page_bytes(&a, B), 0));
     assert!(all(&page_bytes(&a, B + PS), 0xA4));
@@ -401,11 +269,7 @@ fn single_ref_middle_object_collapses() {
         assert!(all(&page_bytes(&a, B + i * PS), i as u8));
     }
     // Explicit collapse with auto collapse off.
-    let vm2 = Vm::new(Config {
-        auto_collapse: false,
-        ..cfg(1024)
-    })
-    .unwrap();
+    let vm2 = Vm::new(Config { auto_collapse: false, ..cfg(1024) }).unwrap();
     let o = vm2.anonymous(4);
     let s = o.clone().shadow(4, 0);
     drop(o);
@@ -419,18 +283,7 @@ fn sequential_stream_frees_behind() {
     let vm = vm(96);
     let (o, _mp) = mem_object(&vm, 512, 512, (100, 100));
     let m = machine(&vm);
-    m.map
-        .map_object(
-            B,
-            512 * PS,
-            o.clone(),
-            0,
-            Prot::RW,
-            Prot::ALL,
-            Inherit::Share,
-            false,
-        )
-        .unwrap();
+    m.map.map_object(B, 512 * PS, o.clone(), 0, Prot::RW, Prot::ALL, Inherit::Share, false).unwrap();
     m.map.madvise(B, 512 * PS, Behavior::Sequential).unwrap();
     // Two dirty pages in the stream's path.
     fill(&m, B + 2 * PS, 0xD0);
@@ -457,10 +310,7 @@ fn sequential_stream_frees_behind() {
     // and deactivated.
     assert_eq!(o.with_page(10, |p| p.queue()), Some(Queue::Cache));
     assert!(m.pmap.extract(B + 10 * PS).is_none());
-    assert_eq!(
-        o.with_page(2, |p| (p.queue(), p.is_dirty())),
-        Some((Queue::Inactive, true))
-    );
+    assert_eq!(o.with_page(2, |p| (p.queue(), p.is_dirty())), Some((Queue::Inactive, true)));
     assert!(m.pmap.extract(B + 2 * PS).is_none());
     for p in 40..512 {
         assert_eq!(m.read_u8(B + p * PS).unwrap(), p as u8);
@@ -480,9 +330,7 @@ fn major_vs_minor_counted() {
     let vm = vm(1024);
     let (o, _mp) = mem_object(&vm, 8, 8, (0, 0));
     let m = machine(&vm);
-    m.map
-        .map_object(B, 8 * PS, o, 0, Prot::READ, Prot::ALL, Inherit::Copy, false)
-        .unwrap();
+    m.map.map_object(B, 8 * PS, o, 0, Prot::READ, Prot::ALL, Inherit::Copy, false).unwrap();
     m.map.map_anon(B + 64 * PS, PS, Prot::RW).unwrap();
     let s0 = vm.stats().snapshot();
     let r = fault(&m.map, B, Prot::READ, FaultFlags::NONE).unwrap();
@@ -505,34 +353,13 @@ fn wire_unwire_range() {
     m.map.wire(B + PS, 2 * PS).unwrap();
     assert_eq!(o.resident(), 2);
     assert_eq!(o.with_page(1, |p| p.wire_count()), Some(1));
-    assert_eq!(
-        m.map
-            .entries()
-            .iter()
-            .filter(|e| e.wired_count == 1)
-            .count(),
-        1
-    );
+    assert_eq!(m.map.entries().iter().filter(|e| e.wired_count == 1).count(), 1);
     m.map.unwire(B + PS, 2 * PS).unwrap();
     assert_eq!(o.with_page(1, |p| p.wire_count()), Some(0));
-    assert!(
-        m.map.unwire(B + PS, PS).is_err(),
-        "unwire of an unwired range fails"
-    );
+    assert!(m.map.unwire(B + PS, PS).is_err(), "unwire of an unwired range fails");
     // Failure part-way unwires what was wired.
     let (fo, _) = mem_object(&vm, 2, 2, (0, 0));
-    m.map
-        .map_object(
-            B + 64 * PS,
-            4 * PS,
-            fo.clone(),
-            0,
-            Prot::READ,
-            Prot::ALL,
-            Inherit::Copy,
-            false,
-        )
-        .unwrap();
+    m.map.map_object(B + 64 * PS, 4 * PS, fo.clone(), 0, Prot::READ, Prot::ALL, Inherit::Copy, false).unwrap();
     assert!(m.map.wire(B + 64 * PS, 4 * PS).is_err());
     assert_eq!(fo.with_page(0, |p| p.wire_count()), Some(0));
     assert_eq!(fo.with_page(1, |p| p.wire_count()), Some(0));
@@ -610,11 +437,7 @@ fn swap_slots_freed_on_page_and_object_death() {
     evict_all(&vm);
     assert_eq!(swap.object_slots(o.id()), 8);
     assert_eq!(m.read_u8(B).unwrap(), 0);
-    assert_eq!(
-        swap.object_slots(o.id()),
-        8,
-        "a clean swap-in keeps its slot"
-    );
+    assert_eq!(swap.object_slots(o.id()), 8, "a clean swap-in keeps its slot");
     fill(&m, B, 9);
     assert_eq!(swap.object_slots(o.id()), 7, "dirtying frees the slot");
     let id = o.id();
@@ -640,31 +463,19 @@ fn file_pager_ro_shared_private() {
     let fo = vm.file_object(f, true, None).unwrap();
     let m = machine(&vm);
     // Read-only.
-    m.map
-        .map_file(B, 4 * PS, &fo, 0, FileMode::ReadOnly)
-        .unwrap();
+    m.map.map_file(B, 4 * PS, &fo, 0, FileMode::ReadOnly).unwrap();
     assert!(all(&page_bytes(&m, B + PS), 2));
     assert_eq!(m.write(B, &[1]).unwrap_err(), FaultError::Protection);
     // Private: writes go to a shadow; the file and other mappings keep theirs.
-    m.map
-        .map_file(B + 16 * PS, 4 * PS, &fo, 0, FileMode::Private)
-        .unwrap();
+    m.map.map_file(B + 16 * PS, 4 * PS, &fo, 0, FileMode::Private).unwrap();
     fill(&m, B + 16 * PS, 0x77);
     assert!(all(&page_bytes(&m, B), 1));
     // Shared: writes reach the file on sync.
-    m.map
-        .map_file(B + 32 * PS, 4 * PS, &fo, 0, FileMode::Shared)
-        .unwrap();
+    m.map.map_file(B + 32 * PS, 4 * PS, &fo, 0, FileMode::Shared).unwrap();
     fill(&m, B + 33 * PS, 0x55);
-    assert!(
-        all(&page_bytes(&m, B + PS), 0x55),
-        "shared with the read-only view"
-    );
+    assert!(all(&page_bytes(&m, B + PS), 0x55), "shared with the read-only view");
     assert_eq!(fo.sync().unwrap(), 1);
-    assert!(
-        !m.pmap.pte(B + 33 * PS).unwrap().prot.writable(),
-        "cleaning write-protects"
-    );
+    assert!(!m.pmap.pte(B + 33 * PS).unwrap().prot.writable(), "cleaning write-protects");
     let mut buf = vec![0u8; 4096 * 4];
     reader.seek(std::io::SeekFrom::Start(0)).unwrap();
     reader.read_exact(&mut buf).unwrap();
@@ -686,18 +497,7 @@ fn device_pager_fixed_no_cluster() {
     let (dev, frames) = vm.device_object(4).unwrap();
     vm.pool().write(frames[1], 0, &[0xDE; 4096]).unwrap();
     let m = machine(&vm);
-    m.map
-        .map_object(
-            B,
-            4 * PS,
-            dev.clone(),
-            0,
-            Prot::RW,
-            Prot::ALL,
-            Inherit::Share,
-            false,
-        )
-        .unwrap();
+    m.map.map_object(B, 4 * PS, dev.clone(), 0, Prot::RW, Prot::ALL, Inherit::Share, false).unwrap();
     let r = fault(&m.map, B + PS, Prot::READ, FaultFlags::NONE).unwrap();
     assert_eq!(r.frame, frames[1]);
     assert_eq!(dev.resident(), 1, "no clustering for devices");
@@ -708,11 +508,7 @@ fn device_pager_fixed_no_cluster() {
         fill(&other, B + i * PS, 1);
     }
     evict_all(&vm);
-    assert_eq!(
-        dev.with_page(1, |p| p.frame()),
-        Some(frames[1]),
-        "device pages are never paged out"
-    );
+    assert_eq!(dev.with_page(1, |p| p.frame()), Some(frames[1]), "device pages are never paged out");
 }
 
 #[test]
@@ -750,18 +546,7 @@ fn pageout_skips_wired_and_busy() {
     let w = m.map.map_anon(B, 4 * PS, Prot::RW).unwrap();
     m.map.wire(B, 4 * PS).unwrap();
     let (o, mp) = mem_object(&vm, 8, 8, (0, 0));
-    m.map
-        .map_object(
-            B + 64 * PS,
-            8 * PS,
-            o.clone(),
-            0,
-            Prot::READ,
-            Prot::ALL,
-            Inherit::Copy,
-            false,
-        )
-        .unwrap();
+    m.map.map_object(B + 64 * PS, 8 * PS, o.clone(), 0, Prot::READ, Prot::ALL, Inherit::Copy, false).unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
     let rx = parking_lot::Mutex::new(rx);
@@ -770,16 +555,11 @@ fn pageout_skips_wired_and_busy() {
         let _ = rx.lock().recv();
     }));
     let map = m.map.clone();
-    let t = std::thread::spawn(move || {
-        fault(&map, B + 64 * PS, Prot::READ, FaultFlags::NONE).map(|r| r.kind)
-    });
+    let t = std::thread::spawn(move || fault(&map, B + 64 * PS, Prot::READ, FaultFlags::NONE).map(|r| r.kind));
     started_rx.recv().unwrap();
     assert!(o.with_page(0, |p| p.is_busy()).unwrap());
     run_once(&vm, 256);
-    assert!(
-        o.with_page(0, |p| p.is_busy()).unwrap(),
-        "busy page skipped"
-    );
+    assert!(o.with_page(0, |p| p.is_busy()).unwrap(), "busy page skipped");
     assert_eq!(w.resident(), 4, "wired pages skipped");
     tx.send(()).unwrap();
     assert_eq!(t.join().unwrap(), Ok(FaultKind::PagerIn));
@@ -791,18 +571,7 @@ fn pageout_dirty_written_before_freed() {
     let mp = Arc::new(::pager::pager::mem::MemPager::new(0, 0));
     let o = vm.with_pager(ObjectKind::Swap, 8, mp.clone(), None);
     let m = machine(&vm);
-    m.map
-        .map_object(
-            B,
-            8 * PS,
-            o.clone(),
-            0,
-            Prot::RW,
-            Prot::ALL,
-            Inherit::Copy,
-            false,
-        )
-        .unwrap();
+    m.map.map_object(B, 8 * PS, o.clone(), 0, Prot::RW, Prot::ALL, Inherit::Copy, false).unwrap();
     for i in 0..8 {
         fill(&m, B + i * PS, 0x30 + i as u8);
     }
@@ -817,10 +586,7 @@ fn pageout_dirty_written_before_freed() {
         }
     }));
     evict_all(&vm);
-    assert!(
-        unmapped_first.load(std::sync::atomic::Ordering::SeqCst),
-        "unmapped before written"
-    );
+    assert!(unmapped_first.load(std::sync::atomic::Ordering::SeqCst), "unmapped before written");
     assert_eq!(o.resident(), 0);
     assert_eq!(mp.pages.lock().len(), 8, "every dirty page written");
     for i in 0..8 {

@@ -19,18 +19,7 @@ fn setup(levels: u32) -> T {
     let vm = vm(4096);
     let m = machine(&vm);
     let o = vm.anonymous(OBJ_PAGES);
-    m.map
-        .map_object(
-            R,
-            OBJ_PAGES * PS,
-            o.clone(),
-            0,
-            Prot::RW,
-            Prot::ALL,
-            Inherit::Share,
-            false,
-        )
-        .unwrap();
+    m.map.map_object(R, OBJ_PAGES * PS, o.clone(), 0, Prot::RW, Prot::ALL, Inherit::Share, false).unwrap();
     m.map.map_vpagetable(V, 64 * PS, o, 0, levels).unwrap();
     for p in [105u64, 205, 300, 301, 305, 405] {
         m.write_u64(R + p * PS, marker(p)).unwrap();
@@ -56,11 +45,7 @@ fn build(t: &T, levels: u32, va: u64, leaf: Vpte, dir_flags: Vpte) {
     for k in 1..=levels as u64 {
         let shift = 9 * (levels as u64 - k);
         let idx = (va >> shift) & 511;
-        let v = if k == levels as u64 {
-            leaf
-        } else {
-            vpte_make(k + 1, dir_flags)
-        };
+        let v = if k == levels as u64 { leaf } else { vpte_make(k + 1, dir_flags) };
         set_ent(t, k, idx, v);
     }
     t.m.map.setmap(V, vpte_make(1, dir_flags)).unwrap();
@@ -69,25 +54,16 @@ fn build(t: &T, levels: u32, va: u64, leaf: Vpte, dir_flags: Vpte) {
 #[test]
 fn vpt_unset_master_fails_until_setmap() {
     let t = setup(2);
-    assert_eq!(
-        fault(&t.m.map, V, Prot::READ, FaultFlags::NONE).unwrap_err(),
-        FaultError::Failure
-    );
+    assert_eq!(fault(&t.m.map, V, Prot::READ, FaultFlags::NONE).unwrap_err(), FaultError::Failure);
 }
 
 #[test]
 fn vpt_linear_via_ps_at_master() {
     let t = setup(4);
-    t.m.map
-        .setmap(V, vpte_make(100, VPTE_V | VPTE_RW | VPTE_PS))
-        .unwrap();
+    t.m.map.setmap(V, vpte_make(100, VPTE_V | VPTE_RW | VPTE_PS)).unwrap();
     assert_eq!(t.m.read_u64(V + 5 * PS).unwrap(), marker(105));
     t.m.write_u64(V + 5 * PS + 8, 0x1234).unwrap();
-    assert_eq!(
-        t.m.read_u64(R + 105 * PS + 8).unwrap(),
-        0x1234,
-        "same host page as the RAM view"
-    );
+    assert_eq!(t.m.read_u64(R + 105 * PS + 8).unwrap(), 0x1234, "same host page as the RAM view");
     assert_eq!(t.m.pmap.extract(V + 5 * PS), t.m.pmap.extract(R + 105 * PS));
 }
 
@@ -104,11 +80,7 @@ fn vpt_linear_via_ps_at_levels_1_to_3() {
         }
         set_ent(&t, lvl, 0, vpte_make(frame, VPTE_V | VPTE_RW | VPTE_PS));
         t.m.map.setmap(V, vpte_make(1, VPTE_V | VPTE_RW)).unwrap();
-        assert_eq!(
-            t.m.read_u64(V + 5 * PS).unwrap(),
-            marker(frame + 5),
-            "PS at level {lvl}"
-        );
+        assert_eq!(t.m.read_u64(V + 5 * PS).unwrap(), marker(frame + 5), "PS at level {lvl}");
     }
 }
 
@@ -116,18 +88,8 @@ fn vpt_linear_via_ps_at_levels_1_to_3() {
 fn vpt_walks_2_3_4_levels() {
     for levels in [2u32, 3, 4] {
         let t = setup(levels);
-        build(
-            &t,
-            levels,
-            5,
-            vpte_make(300, VPTE_V | VPTE_RW),
-            VPTE_V | VPTE_RW,
-        );
-        assert_eq!(
-            t.m.read_u64(V + 5 * PS).unwrap(),
-            marker(300),
-            "{levels} levels"
-        );
+        build(&t, levels, 5, vpte_make(300, VPTE_V | VPTE_RW), VPTE_V | VPTE_RW);
+        assert_eq!(t.m.read_u64(V + 5 * PS).unwrap(), marker(300), "{levels} levels");
         // A different VA page index uses a different leaf slot.
         set_ent(&t, levels as u64, 6, vpte_make(301, VPTE_V | VPTE_RW));
         assert_eq!(t.m.read_u64(V + 6 * PS).unwrap(), marker(301));
@@ -155,9 +117,7 @@ fn vpt_off_path_edit_changes_nothing_and_inval_is_needed() {
     t.m.map.inval(V + 5 * PS, PS).unwrap();
     assert_eq!(t.m.read_u64(V + 5 * PS).unwrap(), marker(301));
     // setmap drops every translation of the entry.
-    t.m.map
-        .setmap(V, vpte_make(100, VPTE_V | VPTE_RW | VPTE_PS))
-        .unwrap();
+    t.m.map.setmap(V, vpte_make(100, VPTE_V | VPTE_RW | VPTE_PS)).unwrap();
     assert!(t.m.pmap.extract(V + 5 * PS).is_none());
     assert_eq!(t.m.read_u64(V + 5 * PS).unwrap(), marker(105));
 }
@@ -167,24 +127,12 @@ fn vpt_rw_and_nx_anded_across_levels() {
     let t = setup(2);
     // Directory without RW above a RW|M leaf.
     build(&t, 2, 5, vpte_make(300, VPTE_V | VPTE_RW | VPTE_M), VPTE_V);
-    assert_eq!(
-        t.m.write_u64(V + 5 * PS, 1).unwrap_err(),
-        FaultError::Failure
-    );
+    assert_eq!(t.m.write_u64(V + 5 * PS, 1).unwrap_err(), FaultError::Failure);
     assert_eq!(t.m.read_u64(V + 5 * PS).unwrap(), marker(300));
-    assert!(
-        !t.m.pmap.pte(V + 5 * PS).unwrap().prot.writable(),
-        "leaf-only upgrade is not taken"
-    );
+    assert!(!t.m.pmap.pte(V + 5 * PS).unwrap().prot.writable(), "leaf-only upgrade is not taken");
     // NX on the directory: exec fails, read maps without EXEC.
     let t = setup(2);
-    build(
-        &t,
-        2,
-        5,
-        vpte_make(300, VPTE_V | VPTE_RW),
-        VPTE_V | VPTE_RW | VPTE_NX,
-    );
+    build(&t, 2, 5, vpte_make(300, VPTE_V | VPTE_RW), VPTE_V | VPTE_RW | VPTE_NX);
     assert_eq!(t.m.exec(V + 5 * PS).unwrap_err(), FaultError::Failure);
     t.m.read_u64(V + 5 * PS).unwrap();
     assert!(!t.m.pmap.pte(V + 5 * PS).unwrap().prot.contains(Prot::EXEC));
@@ -209,12 +157,7 @@ fn vpt_accessed_modified_rules() {
     assert_eq!(ent(&t, 2, 5) & (VPTE_A | VPTE_M), VPTE_A | VPTE_M);
     assert!(t.m.pmap.pte(V + 5 * PS).unwrap().prot.writable());
     // The master is never written.
-    let e =
-        t.m.map
-            .entries()
-            .into_iter()
-            .find(|e| e.start == V)
-            .unwrap();
+    let e = t.m.map.entries().into_iter().find(|e| e.start == V).unwrap();
     assert_eq!(e.maptype, MapType::VPageTable { master, levels: 2 });
     // RW|M already set: a read fault maps writable.
     set_ent(&t, 2, 6, vpte_make(301, VPTE_V | VPTE_RW | VPTE_M));
@@ -223,11 +166,7 @@ fn vpt_accessed_modified_rules() {
     // Clearing M needs an inval for the host to set it again.
     set_ent(&t, 2, 5, ent(&t, 2, 5) & !VPTE_M);
     t.m.write_u64(V + 5 * PS, 8).unwrap();
-    assert_eq!(
-        ent(&t, 2, 5) & VPTE_M,
-        0,
-        "no fault, no M: the documented contract"
-    );
+    assert_eq!(ent(&t, 2, 5) & VPTE_M, 0, "no fault, no M: the documented contract");
     t.m.map.inval(V + 5 * PS, PS).unwrap();
     t.m.write_u64(V + 5 * PS, 9).unwrap();
     assert_eq!(ent(&t, 2, 5) & VPTE_M, VPTE_M);
@@ -252,41 +191,19 @@ fn vpt_invalid_at_any_level_fails() {
         let old = ent(&t, lvl, idx);
         set_ent(&t, lvl, idx, old & !VPTE_V & !VPTE_A);
         t.m.map.inval(V, 64 * PS).unwrap();
-        assert_eq!(
-            t.m.read_u64(V + 5 * PS).unwrap_err(),
-            FaultError::Failure,
-            "level {lvl}"
-        );
-        assert_eq!(
-            ent(&t, lvl, idx) & VPTE_A,
-            0,
-            "no A written into an invalid entry"
-        );
+        assert_eq!(t.m.read_u64(V + 5 * PS).unwrap_err(), FaultError::Failure, "level {lvl}");
+        assert_eq!(ent(&t, lvl, idx) & VPTE_A, 0, "no A written into an invalid entry");
     }
 }
 
 #[test]
 fn vpt_frame_beyond_object_is_protection() {
     let t = setup(2);
-    build(
-        &t,
-        2,
-        5,
-        vpte_make(OBJ_PAGES + 10, VPTE_V | VPTE_RW),
-        VPTE_V | VPTE_RW,
-    );
-    assert_eq!(
-        t.m.read_u64(V + 5 * PS).unwrap_err(),
-        FaultError::Protection
-    );
+    build(&t, 2, 5, vpte_make(OBJ_PAGES + 10, VPTE_V | VPTE_RW), VPTE_V | VPTE_RW);
+    assert_eq!(t.m.read_u64(V + 5 * PS).unwrap_err(), FaultError::Protection);
     // A table page beyond the object too.
-    t.m.map
-        .setmap(V, vpte_make(OBJ_PAGES + 1, VPTE_V | VPTE_RW))
-        .unwrap();
-    assert_eq!(
-        t.m.read_u64(V + 5 * PS).unwrap_err(),
-        FaultError::Protection
-    );
+    t.m.map.setmap(V, vpte_make(OBJ_PAGES + 1, VPTE_V | VPTE_RW)).unwrap();
+    assert_eq!(t.m.read_u64(V + 5 * PS).unwrap_err(), FaultError::Protection);
 }
 
 #[test]
@@ -317,11 +234,7 @@ fn vpt_no_stale_translation_after_inval() {
         set_ent(&t, 2, 5, vpte_make(f, VPTE_V | VPTE_RW));
         t.m.map.inval(V + 5 * PS, PS).unwrap();
         if let Some(fr) = t.m.pmap.extract(V + 5 * PS) {
-            assert_eq!(
-                Some(fr),
-                t.m.pmap.extract(R + f * PS),
-                "stale translation survived inval"
-            );
+            assert_eq!(Some(fr), t.m.pmap.extract(R + f * PS), "stale translation survived inval");
         }
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -75,6 +75,13 @@ pub enum Command {
     },
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FaultDelivery {
+    Auto,
+    Uffd,
+    Exit,
+}
+
 #[derive(Args, Clone, Debug)]
 pub struct RunArgs {
     /// A PVH ELF to boot instead of the bundled guest.
@@ -94,6 +101,22 @@ pub struct RunArgs {
     /// Write exit counts, test results and statistics as JSON at exit.
     #[arg(long, value_name = "PATH")]
     pub stats_json: Option<PathBuf>,
+    /// How guest page faults reach vkvm: uffd (userfaultfd), exit (KVM exits;
+    /// on these hosts only emulated ring-0 accesses), or auto.
+    #[arg(long, value_enum, default_value_t = FaultDelivery::Auto)]
+    pub fault_delivery: FaultDelivery,
+    /// Busy-poll the userfaultfd instead of sleeping in poll(2).
+    #[arg(long)]
+    pub uffd_poll: bool,
+    /// Populate every guest page at start instead of on first touch.
+    #[arg(long)]
+    pub prefault: bool,
+    /// Budget of resident guest pages (K/M/G); pages beyond it go to swap.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub phys_mem: Option<u64>,
+    /// Swap file (created; default: an unlinked temporary file).
+    #[arg(long, value_name = "PATH")]
+    pub swap: Option<PathBuf>,
     /// How to enter the guest: auto (alias: direct) detects the protocol from the image.
     #[arg(long, value_enum, default_value_t = crate::boot::BootMode::Auto)]
     pub boot: crate::boot::BootMode,
@@ -101,6 +124,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     pub kvm_device: PathBuf,
 }
+
+/// Smallest resident budget: the guest image, its stacks and page tables.
+pub const MIN_PHYS_MEM: u64 = 4 << 20;
 
 /// Parse `64M`, `1G`, `4096K` or a plain byte count.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -134,6 +160,14 @@ impl RunArgs {
                 "--vcpus {} is out of range: 1 to {max_vcpus} on this host",
                 self.vcpus
             )));
+        }
+        if let Some(p) = self.phys_mem {
+            if p < MIN_PHYS_MEM || !p.is_multiple_of(4096) {
+                return Err(Error::Config(format!(
+                    "--phys-mem {p} must be a multiple of 4 KiB and at least {} MiB (the guest kernel's own pages)",
+                    MIN_PHYS_MEM >> 20
+                )));
+            }
         }
         if let Some(t) = self.timeout {
             if !(t > 0.0 && t.is_finite()) {

@@ -6,7 +6,6 @@ use crate::abi::{self, nr};
 use crate::stats::TestResult;
 use crate::vm::Shared;
 use log::{debug, warn};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 /// What the vCPU loop does after a hypercall.
 #[derive(Debug, PartialEq, Eq)]
@@ -27,15 +26,11 @@ fn le64(b: &[u8], off: usize) -> u64 {
     u64::from_le_bytes(v)
 }
 
-/// Read `len` guest bytes at `gpa`, or an errno if any byte is outside RAM.
+/// Read `len` guest bytes at `gpa` through the pager, or an errno if any
+/// byte is outside RAM (or cannot be brought in).
 pub fn read_guest(shared: &Shared, gpa: u64, len: u64) -> Result<Vec<u8>, i64> {
-    if gpa.checked_add(len).is_none()
-        || !shared.mem.check_range(GuestAddress(gpa), len as usize, Permissions::ReadWrite)
-    {
-        return Err(-abi::EFAULT);
-    }
     let mut buf = vec![0u8; len as usize];
-    shared.mem.read_slice(&mut buf, GuestAddress(gpa)).map_err(|_| -abi::EFAULT)?;
+    shared.ram.read(gpa, &mut buf).map_err(|_| -abi::EFAULT)?;
     Ok(buf)
 }
 
@@ -66,7 +61,7 @@ pub fn handle(shared: &Shared, cpu: u32, value: u32) -> Action {
         shared.stats.bad_hypercalls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     // The block was checked to be inside RAM above.
-    let _ = shared.mem.write_slice(&ret.to_le_bytes(), GuestAddress(gpa + 56));
+    let _ = shared.ram.write(gpa + 56, &ret.to_le_bytes());
     action
 }
 

@@ -7,12 +7,14 @@ mod cli;
 mod devices;
 mod error;
 mod exit;
+mod fault;
 mod guest_image;
 mod hypercall;
+mod memory;
+mod pmap;
 mod profile;
 mod stats;
 mod torture;
-#[allow(dead_code)] // used by the demand-paging backend (issue 4)
 mod uffd;
 mod vcpu;
 mod vm;

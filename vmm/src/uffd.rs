@@ -30,7 +30,6 @@ const PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
 const PAGEFAULT_FLAG_WP: u64 = 1 << 1;
 const PAGEFAULT_FLAG_MINOR: u64 = 1 << 2;
 
-const COPY_MODE_WP: u64 = 1 << 1;
 const WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 const CONTINUE_MODE_WP: u64 = 1 << 1;
 
@@ -56,15 +55,6 @@ struct uffdio_register {
 }
 #[repr(C)]
 #[derive(Default)]
-struct uffdio_copy {
-    dst: u64,
-    src: u64,
-    len: u64,
-    mode: u64,
-    copy: i64,
-}
-#[repr(C)]
-#[derive(Default)]
 struct uffdio_zeropage {
     range: uffdio_range,
     mode: u64,
@@ -86,9 +76,7 @@ struct uffdio_continue {
 
 ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3f, uffdio_api);
 ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, uffdio_register);
-ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, 0x01, uffdio_range);
 ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, uffdio_range);
-ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, uffdio_copy);
 ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, uffdio_zeropage);
 ioctl_iowr_nr!(UFFDIO_WRITEPROTECT, UFFDIO, 0x06, uffdio_writeprotect);
 ioctl_iowr_nr!(UFFDIO_CONTINUE, UFFDIO, 0x07, uffdio_continue);
@@ -129,7 +117,6 @@ pub enum Event {
 /// A userfaultfd with the API handshake done.
 pub struct Uffd {
     file: File,
-    features: u64,
 }
 
 fn check(ret: i32) -> io::Result<()> {
@@ -166,11 +153,7 @@ impl Uffd {
                 format!("kernel lacks userfaultfd features {:#x}", features & !api.features),
             ));
         }
-        Ok(Uffd { file, features: api.features })
-    }
-
-    pub fn features(&self) -> u64 {
-        self.features
+        Ok(Uffd { file })
     }
 
     pub fn register(&self, start: u64, len: u64, mode: Mode) -> io::Result<()> {
@@ -183,20 +166,6 @@ impl Uffd {
         };
         // SAFETY: as in new().
         check(unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_REGISTER(), &mut r) })
-    }
-
-    pub fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
-        let r = uffdio_range { start, len };
-        // SAFETY: the kernel only reads `r`.
-        check(unsafe { ioctl_with_ref(&self.file, UFFDIO_UNREGISTER(), &r) })
-    }
-
-    /// Copy `len` bytes from `src` into the registered range at `dst` and
-    /// wake the waiters; EEXIST means another resolution got there first.
-    pub fn copy(&self, dst: u64, src: *const u8, len: u64, write_protect: bool) -> io::Result<()> {
-        let mut c = uffdio_copy { dst, src: src as u64, len, mode: write_protect as u64 * COPY_MODE_WP, copy: 0 };
-        // SAFETY: the caller guarantees `src` is readable for `len` bytes.
-        check(unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_COPY(), &mut c) })
     }
 
     pub fn zeropage(&self, start: u64, len: u64) -> io::Result<()> {
@@ -285,14 +254,12 @@ mod test {
         // Values printed from <linux/userfaultfd.h> with gcc on a 6.x kernel.
         assert_eq!(UFFDIO_API(), 0xc018aa3f);
         assert_eq!(UFFDIO_REGISTER(), 0xc020aa00);
-        assert_eq!(UFFDIO_UNREGISTER(), 0x8010aa01);
         assert_eq!(UFFDIO_WAKE(), 0x8010aa02);
-        assert_eq!(UFFDIO_COPY(), 0xc028aa03);
         assert_eq!(UFFDIO_ZEROPAGE(), 0xc020aa04);
         assert_eq!(UFFDIO_WRITEPROTECT(), 0xc018aa06);
         assert_eq!(UFFDIO_CONTINUE(), 0xc020aa07);
         assert_eq!(USERFAULTFD_IOC_NEW(), 0xaa00);
-        assert_eq!(std::mem::size_of::<uffdio_copy>(), 40);
+        assert_eq!(std::mem::size_of::<uffdio_zeropage>(), 32);
         assert_eq!(std::mem::size_of::<uffdio_register>(), 32);
     }
 
@@ -342,7 +309,7 @@ mod test {
     }
 
     #[test]
-    fn missing_fault_on_shmem_is_resolved_by_copy() {
+    fn missing_fault_on_shmem_is_resolved_by_zeropage() {
         let Ok(u) = Uffd::new(FEATURE_MISSING_SHMEM) else {
             panic!("userfaultfd unavailable (needs root or vm.unprivileged_userfaultfd=1)");
         };
@@ -352,12 +319,14 @@ mod test {
         let stop = Arc::new(AtomicBool::new(false));
         let h = serve(u.clone(), stop.clone(), |u, e| {
             if let Event::PageFault { addr, .. } = e {
-                let page = [0x5au8; 4096];
-                u.copy(addr, page.as_ptr(), 4096, false).unwrap();
+                u.zeropage(addr, 4096).unwrap();
             }
         });
         // SAFETY: reading our own mapping; the handler supplies the page.
-        let v = unsafe { m.addr.add(4096 + 7).read_volatile() };
+        let v = unsafe {
+            m.addr.add(4096 + 7).write_volatile(0x5a);
+            m.addr.add(4096 + 7).read_volatile()
+        };
         stop.store(true, Ordering::Relaxed);
         assert_eq!(v, 0x5a);
         assert_eq!(h.join().unwrap(), 1);

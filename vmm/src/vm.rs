@@ -2,10 +2,13 @@
 //! loop (event-manager) that waits for the guest to exit or time out.
 
 use crate::boot;
-use crate::cli::RunArgs;
+use crate::cli::{FaultDelivery, RunArgs};
 use crate::devices::Serial;
 use crate::error::Error;
+use crate::fault::DeliveryStats;
 use crate::guest_image;
+use crate::memory::{self, GuestRam, MemConfig};
+use crate::pmap::Delivery;
 use crate::stats::{Stats, TestResult};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
@@ -15,10 +18,9 @@ use serde_json::json;
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -35,7 +37,8 @@ pub enum Outcome {
 
 /// State the vCPU threads and the monitor share.
 pub struct Shared {
-    pub mem: GuestMemoryMmap,
+    pub ram: Arc<GuestRam>,
+    pub delivery: Arc<DeliveryStats>,
     pub serial: Serial,
     pub stats: Stats,
     pub tests: Mutex<Vec<TestResult>>,
@@ -143,10 +146,26 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
     let started = Instant::now();
 
     let vm = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), args.memory as usize)])
-        .map_err(|e| Error::Crash(format!("cannot allocate {} MiB of guest memory: {e}", args.memory >> 20)))?;
-    register_memory(&vm, &mem)?;
-    let entry = boot::load_pvh(&mem, &image, &what, &args.cmdline, args.memory)?;
+    let delivery = match args.fault_delivery {
+        FaultDelivery::Uffd => Delivery::Uffd,
+        FaultDelivery::Exit => Delivery::Exit,
+        FaultDelivery::Auto => {
+            let d = memory::pick_delivery();
+            info!("fault delivery: {d:?}");
+            d
+        }
+    };
+    let ram = Arc::new(GuestRam::new(&MemConfig {
+        size: args.memory,
+        delivery,
+        phys_mem: args.phys_mem,
+        swap: args.swap.clone(),
+    })?);
+    register_memory(&vm, &ram)?;
+    let entry = boot::load_pvh(&ram, &image, &what, &args.cmdline)?;
+    if args.prefault {
+        ram.prefault_all()?;
+    }
 
     let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
     let mut vcpus = Vec::new();
@@ -167,7 +186,8 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
     let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0);
 
     let shared = Arc::new(Shared {
-        mem,
+        ram: ram.clone(),
+        delivery: Arc::new(DeliveryStats::default()),
         serial: Serial::new(Box::new(std::io::stdout())),
         stats: Stats::default(),
         tests: Mutex::new(Vec::new()),
@@ -179,6 +199,15 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
         exit_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::io("eventfd"))?,
     });
     info!("booting {what}: {} MiB, {} vcpu(s), entry {:#x}", args.memory >> 20, args.vcpus, entry.pvh_entry);
+    let stop_faults = Arc::new(AtomicBool::new(false));
+    if ram.uffd.is_some() {
+        let (r, d, stop, s) = (ram.clone(), shared.delivery.clone(), stop_faults.clone(), shared.clone());
+        let poll = args.uffd_poll;
+        std::thread::Builder::new()
+            .name("uffd".into())
+            .spawn(move || crate::fault::serve(r, d, stop, poll, |msg| s.finish(Outcome::Crash(msg))))
+            .map_err(Error::io("cannot start the userfaultfd thread"))?;
+    }
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let s = shared.clone();
         std::thread::Builder::new()
@@ -188,6 +217,7 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
     }
 
     let outcome = monitor(&shared, args.timeout)?;
+    stop_faults.store(true, Ordering::Relaxed);
     let done = Finished { outcome, shared, elapsed: started.elapsed() };
     info!("guest finished in {:.3} s with status {}", done.elapsed.as_secs_f64(), done.status());
     if let Some(p) = &args.stats_json {
@@ -199,20 +229,17 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
     Ok(done)
 }
 
-fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Error> {
-    for (slot, region) in mem.iter().enumerate() {
-        let r = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: region.as_ptr() as u64,
-        };
-        // SAFETY: the region stays mapped for as long as the VM exists (the
-        // GuestMemoryMmap lives in `Shared`, which outlives every vCPU).
-        unsafe { vm.set_user_memory_region(r) }.map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
-    }
-    Ok(())
+fn register_memory(vm: &VmFd, ram: &GuestRam) -> Result<(), Error> {
+    let r = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: ram.size,
+        userspace_addr: ram.view.host_addr(),
+    };
+    // SAFETY: the view stays mapped for as long as the VM exists (GuestRam
+    // lives in `Shared`, which outlives every vCPU).
+    unsafe { vm.set_user_memory_region(r) }.map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))
 }
 
 /// Waits for the guest's exit event or the timeout.
@@ -271,8 +298,26 @@ fn monitor(shared: &Arc<Shared>, timeout: Option<f64>) -> Result<Outcome, Error>
     }
 }
 
+/// The `faults` object of `--stats-json`.
+pub fn fault_stats(shared: &Shared) -> serde_json::Value {
+    let p = shared.ram.vm.stats().snapshot();
+    json!({
+        "delivery": shared.ram.view.delivery(),
+        "zero_fill": p.zero_fill,
+        "soft": p.soft,
+        "cow_copy": p.cow_copy,
+        "cow_rename": p.cow_rename,
+        "pager_in": p.pager_in,
+        "prefault": p.prefault,
+        "guest_errors": shared.delivery.guest_errors.load(Ordering::Relaxed),
+        "events": shared.delivery.events.load(Ordering::Relaxed),
+        "fault_around": shared.delivery.around.load(Ordering::Relaxed),
+    })
+}
+
 fn write_stats(path: &Path, done: &Finished) -> Result<(), Error> {
     let shared = &done.shared;
+    let pstats = shared.ram.vm.stats().snapshot();
     let tests = shared.tests.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let mut v = json!({
         "exit_status": done.status(),
@@ -282,6 +327,14 @@ fn write_stats(path: &Path, done: &Finished) -> Result<(), Error> {
         "bad_hypercalls": shared.stats.bad_hypercalls.load(Ordering::Relaxed),
         "vcpus": shared.nr_vcpus,
         "elapsed_ms": done.elapsed.as_secs_f64() * 1e3,
+        "faults": fault_stats(shared),
+        "pageout": { "pages_out": pstats.pages_out, "pages_in": pstats.pages_in },
+        "memory": {
+            "host_remaps": shared.ram.view.stats.remaps.load(Ordering::Relaxed),
+            "host_map_errors": shared.ram.view.stats.map_errors.load(Ordering::Relaxed),
+            "resident_pages": shared.ram.vm.pool().resident(),
+            "present_pages": shared.ram.view.present_count(),
+        },
     });
     if let Outcome::Crash(msg) = &done.outcome {
         v["crash"] = json!(msg);

@@ -29,17 +29,10 @@ impl Pager for DevicePager {
         // Device pages are never read: `fixed_frame` supplies them.
         Err(PagerError::Bad)
     }
-    fn put_pages(
-        &self,
-        _obj: u64,
-        _pool: &FramePool,
-        _pages: &mut [PageIo],
-    ) -> Result<(), PagerError> {
+    fn put_pages(&self, _obj: u64, _pool: &FramePool, _pages: &mut [PageIo]) -> Result<(), PagerError> {
         Err(PagerError::Error)
     }
     fn fixed_frame(&self, _obj: u64, pindex: u64) -> Option<Frame> {
-        usize::try_from(pindex)
-            .ok()
-            .and_then(|i| self.frames.get(i).copied())
+        usize::try_from(pindex).ok().and_then(|i| self.frames.get(i).copied())
     }
 }

@@ -20,18 +20,9 @@ pub struct FilePager {
 
 impl FilePager {
     /// Wraps `file` (its current length is the object's extent).
-    pub fn new(
-        file: File,
-        writable: bool,
-        hook: Option<Arc<FailHook>>,
-    ) -> std::io::Result<FilePager> {
+    pub fn new(file: File, writable: bool, hook: Option<Arc<FailHook>>) -> std::io::Result<FilePager> {
         let len = file.metadata()?.len();
-        Ok(FilePager {
-            file,
-            len,
-            writable,
-            hook,
-        })
+        Ok(FilePager { file, len, writable, hook })
     }
     /// File length in bytes.
     pub fn len(&self) -> u64 {
@@ -61,18 +52,8 @@ impl Pager for FilePager {
         Some((behind, ahead))
     }
 
-    fn get_pages(
-        &self,
-        _obj: u64,
-        pool: &FramePool,
-        pages: &mut [PageIo],
-        reqpage: usize,
-    ) -> Result<(), PagerError> {
-        let mode = self
-            .hook
-            .as_ref()
-            .map(|h| h.read_mode())
-            .unwrap_or(FailMode::None);
+    fn get_pages(&self, _obj: u64, pool: &FramePool, pages: &mut [PageIo], reqpage: usize) -> Result<(), PagerError> {
+        let mode = self.hook.as_ref().map(|h| h.read_mode()).unwrap_or(FailMode::None);
         if mode == FailMode::Eio {
             return Err(PagerError::Error);
         }
@@ -88,18 +69,11 @@ impl Pager for FilePager {
             if ptr.is_null() {
                 return Err(PagerError::Error);
             }
-            iov.push(libc::iovec {
-                iov_base: ptr as *mut libc::c_void,
-                iov_len: n,
-            });
+            iov.push(libc::iovec { iov_base: ptr as *mut libc::c_void, iov_len: n });
             want += n;
         }
         let off = pages[0].pindex * PAGE_SIZE as u64;
-        let limit = if mode == FailMode::ShortRead {
-            want / 2
-        } else {
-            want
-        };
+        let limit = if mode == FailMode::ShortRead { want / 2 } else { want };
         let mut got = 0usize;
         // Read until done or EOF; short reads just loop.
         while got < limit {
@@ -132,12 +106,7 @@ impl Pager for FilePager {
             }
             // SAFETY: every iovec points inside a busy frame we own.
             let r = unsafe {
-                libc::preadv(
-                    self.file.as_raw_fd(),
-                    v.as_ptr(),
-                    v.len() as i32,
-                    (off + got as u64) as libc::off_t,
-                )
+                libc::preadv(self.file.as_raw_fd(), v.as_ptr(), v.len() as i32, (off + got as u64) as libc::off_t)
             };
             if r < 0 {
                 if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
@@ -168,12 +137,7 @@ impl Pager for FilePager {
         Ok(())
     }
 
-    fn put_pages(
-        &self,
-        _obj: u64,
-        pool: &FramePool,
-        pages: &mut [PageIo],
-    ) -> Result<(), PagerError> {
+    fn put_pages(&self, _obj: u64, pool: &FramePool, pages: &mut [PageIo]) -> Result<(), PagerError> {
         if !self.writable {
             return Err(PagerError::Error);
         }

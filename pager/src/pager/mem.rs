@@ -56,19 +56,11 @@ impl Pager for MemPager {
         }
         Some((b, a))
     }
-    fn get_pages(
-        &self,
-        _obj: u64,
-        pool: &FramePool,
-        pages: &mut [PageIo],
-        reqpage: usize,
-    ) -> Result<(), PagerError> {
+    fn get_pages(&self, _obj: u64, pool: &FramePool, pages: &mut [PageIo], reqpage: usize) -> Result<(), PagerError> {
         if let Some(f) = self.on_get.lock().as_ref() {
             f();
         }
-        self.calls
-            .lock()
-            .push((pages.first().map_or(0, |p| p.pindex), pages.len(), reqpage));
+        self.calls.lock().push((pages.first().map_or(0, |p| p.pindex), pages.len(), reqpage));
         if let Some(e) = *self.fail.lock() {
             return Err(e);
         }
@@ -85,20 +77,14 @@ impl Pager for MemPager {
         }
         Ok(())
     }
-    fn put_pages(
-        &self,
-        _obj: u64,
-        pool: &FramePool,
-        pages: &mut [PageIo],
-    ) -> Result<(), PagerError> {
+    fn put_pages(&self, _obj: u64, pool: &FramePool, pages: &mut [PageIo]) -> Result<(), PagerError> {
         if let Some(f) = self.on_put.lock().as_ref() {
             f(pages);
         }
         let mut store = self.pages.lock();
         for p in pages.iter_mut() {
             let mut buf = vec![0u8; PAGE_SIZE];
-            pool.read(p.frame, 0, &mut buf)
-                .map_err(|_| PagerError::Error)?;
+            pool.read(p.frame, 0, &mut buf).map_err(|_| PagerError::Error)?;
             store.insert(p.pindex, buf);
             p.done = true;
         }

@@ -43,16 +43,9 @@ pub trait Pager: Send + Sync {
     fn has_page(&self, obj: u64, pindex: u64) -> Option<(u32, u32)>;
     /// Reads `pages` (consecutive pindexes); must fill `pages[reqpage]` or
     /// return an error. Extra pages are optional (`done` says which).
-    fn get_pages(
-        &self,
-        obj: u64,
-        pool: &FramePool,
-        pages: &mut [PageIo],
-        reqpage: usize,
-    ) -> Result<(), PagerError>;
+    fn get_pages(&self, obj: u64, pool: &FramePool, pages: &mut [PageIo], reqpage: usize) -> Result<(), PagerError>;
     /// Writes `pages`; `done` marks those written.
-    fn put_pages(&self, obj: u64, pool: &FramePool, pages: &mut [PageIo])
-        -> Result<(), PagerError>;
+    fn put_pages(&self, obj: u64, pool: &FramePool, pages: &mut [PageIo]) -> Result<(), PagerError>;
     /// The page was dirtied or moved away: its backing copy is stale.
     fn page_unswapped(&self, _obj: u64, _pindex: u64) {}
     /// The object died: release everything it holds.
@@ -63,15 +56,7 @@ pub trait Pager: Send + Sync {
     }
     /// Collapse: move `from`'s blocks into `to` (pindex - `offset`, below
     /// `to_size`) unless `to_has(new_pindex)`; free the rest.
-    fn collapse_into(
-        &self,
-        _from: u64,
-        _to: u64,
-        _offset: u64,
-        _to_size: u64,
-        _to_has: &dyn Fn(u64) -> bool,
-    ) {
-    }
+    fn collapse_into(&self, _from: u64, _to: u64, _offset: u64, _to_size: u64, _to_has: &dyn Fn(u64) -> bool) {}
 }
 
 /// What an injected failure does.
@@ -144,21 +129,12 @@ pub(crate) fn pread_frame(
     if mode == FailMode::Eio {
         return Err(PagerError::Error);
     }
-    let want = if mode == FailMode::ShortRead {
-        len / 2
-    } else {
-        len
-    };
+    let want = if mode == FailMode::ShortRead { len / 2 } else { len };
     let mut done = 0usize;
     while done < want {
         // SAFETY: p..p+len is inside the frame, which the caller owns (busy).
         let r = unsafe {
-            libc::pread(
-                fd,
-                p.add(done) as *mut libc::c_void,
-                want - done,
-                (off + done as u64) as libc::off_t,
-            )
+            libc::pread(fd, p.add(done) as *mut libc::c_void, want - done, (off + done as u64) as libc::off_t)
         };
         if r < 0 {
             if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
@@ -203,23 +179,14 @@ pub(crate) fn pwrite_frame(
     while done < len {
         // SAFETY: reading our own frame.
         let r = unsafe {
-            libc::pwrite(
-                fd,
-                p.add(done) as *const libc::c_void,
-                len - done,
-                (off + done as u64) as libc::off_t,
-            )
+            libc::pwrite(fd, p.add(done) as *const libc::c_void, len - done, (off + done as u64) as libc::off_t)
         };
         if r < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(if e.raw_os_error() == Some(libc::ENOSPC) {
-                PagerError::NoSpace
-            } else {
-                PagerError::Error
-            });
+            return Err(if e.raw_os_error() == Some(libc::ENOSPC) { PagerError::NoSpace } else { PagerError::Error });
         }
         if r == 0 {
             return Err(PagerError::Error);

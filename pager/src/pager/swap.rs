@@ -31,18 +31,8 @@ pub struct SwapPager {
 impl SwapPager {
     /// Creates a swap file of `bytes` at `path` (truncated, sparse). The file
     /// is unlinked at once when `unlink` is set.
-    pub fn create(
-        path: &Path,
-        bytes: u64,
-        unlink: bool,
-        hook: Option<Arc<FailHook>>,
-    ) -> std::io::Result<SwapPager> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)?;
+    pub fn create(path: &Path, bytes: u64, unlink: bool, hook: Option<Arc<FailHook>>) -> std::io::Result<SwapPager> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
         let nslots = bytes / PAGE_SIZE as u64;
         file.set_len(nslots * PAGE_SIZE as u64)?;
         if unlink {
@@ -110,10 +100,7 @@ impl Pager for SwapPager {
         let m = st.blocks.get(&obj)?;
         m.get(&pindex)?;
         let mut behind = 0;
-        while behind < SWAP_CLUSTER
-            && pindex > behind as u64
-            && m.contains_key(&(pindex - behind as u64 - 1))
-        {
+        while behind < SWAP_CLUSTER && pindex > behind as u64 && m.contains_key(&(pindex - behind as u64 - 1)) {
             behind += 1;
         }
         let mut ahead = 0;
@@ -123,20 +110,11 @@ impl Pager for SwapPager {
         Some((behind, ahead))
     }
 
-    fn get_pages(
-        &self,
-        obj: u64,
-        pool: &FramePool,
-        pages: &mut [PageIo],
-        reqpage: usize,
-    ) -> Result<(), PagerError> {
+    fn get_pages(&self, obj: u64, pool: &FramePool, pages: &mut [PageIo], reqpage: usize) -> Result<(), PagerError> {
         let slots: Vec<Option<u32>> = {
             let st = self.st.lock();
             let m = st.blocks.get(&obj);
-            pages
-                .iter()
-                .map(|p| m.and_then(|m| m.get(&p.pindex).copied()))
-                .collect()
+            pages.iter().map(|p| m.and_then(|m| m.get(&p.pindex).copied())).collect()
         };
         for (i, p) in pages.iter_mut().enumerate() {
             let Some(slot) = slots[i] else {
@@ -161,12 +139,7 @@ impl Pager for SwapPager {
         Ok(())
     }
 
-    fn put_pages(
-        &self,
-        obj: u64,
-        pool: &FramePool,
-        pages: &mut [PageIo],
-    ) -> Result<(), PagerError> {
+    fn put_pages(&self, obj: u64, pool: &FramePool, pages: &mut [PageIo]) -> Result<(), PagerError> {
         let mut result = Ok(());
         for p in pages.iter_mut() {
             let (slot, fresh) = {
@@ -231,14 +204,7 @@ impl Pager for SwapPager {
         }
     }
 
-    fn collapse_into(
-        &self,
-        from: u64,
-        to: u64,
-        offset: u64,
-        to_size: u64,
-        to_has: &dyn Fn(u64) -> bool,
-    ) {
+    fn collapse_into(&self, from: u64, to: u64, offset: u64, to_size: u64, to_has: &dyn Fn(u64) -> bool) {
         let mut st = self.st.lock();
         let Some(m) = st.blocks.remove(&from) else {
             return;
@@ -247,10 +213,7 @@ impl Pager for SwapPager {
             let keep = p >= offset
                 && p - offset < to_size
                 && !to_has(p - offset)
-                && !st
-                    .blocks
-                    .get(&to)
-                    .is_some_and(|t| t.contains_key(&(p - offset)));
+                && !st.blocks.get(&to).is_some_and(|t| t.contains_key(&(p - offset)));
             if keep {
                 st.blocks.entry(to).or_default().insert(p - offset, slot);
             } else {

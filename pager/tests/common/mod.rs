@@ -7,13 +7,7 @@ pub const B: u64 = 0x1000_0000;
 pub const PS: u64 = 4096;
 
 pub fn cfg(max_resident: u64) -> Config {
-    Config {
-        store_bytes: 1 << 30,
-        max_resident,
-        swap_bytes: 16 << 20,
-        ratelimit: false,
-        ..Default::default()
-    }
+    Config { store_bytes: 1 << 30, max_resident, swap_bytes: 16 << 20, ratelimit: false, ..Default::default() }
 }
 
 pub fn vm(max_resident: u64) -> Arc<Vm> {
@@ -39,12 +33,7 @@ pub fn all(b: &[u8], v: u8) -> bool {
 }
 
 /// A MemPager-backed object of `size` pages with pages `0..filled` = pindex as byte.
-pub fn mem_object(
-    vm: &Arc<Vm>,
-    size: u64,
-    filled: u64,
-    limit: (u32, u32),
-) -> (ObjHandle, Arc<MemPager>) {
+pub fn mem_object(vm: &Arc<Vm>, size: u64, filled: u64, limit: (u32, u32)) -> (ObjHandle, Arc<MemPager>) {
     let mp = Arc::new(MemPager::new(limit.0, limit.1));
     for p in 0..filled {
         mp.put(p, p as u8);

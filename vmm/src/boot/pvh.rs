@@ -3,6 +3,7 @@
 //! protected mode at the PVH entry with `ebx` pointing at the start info.
 
 use crate::error::Error;
+use crate::memory::GuestRam;
 use kvm_bindings::{kvm_regs, kvm_segment};
 use kvm_ioctls::VcpuFd;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
@@ -54,6 +55,11 @@ pub fn check_elf(image: &[u8], what: &str, mem_size: u64) -> Result<(), Error> {
 
 /// Highest physical address any PT_LOAD segment reaches.
 fn elf_extent(image: &[u8]) -> Option<u64> {
+    elf_segments(image)?.iter().try_fold(0u64, |end, &(paddr, _, memsz)| Some(end.max(paddr.checked_add(memsz)?)))
+}
+
+/// (paddr, filesz, memsz) of every PT_LOAD segment.
+fn elf_segments(image: &[u8]) -> Option<Vec<(u64, u64, u64)>> {
     let rd = |off: usize, n: usize| -> Option<u64> {
         let b = image.get(off..off.checked_add(n)?)?;
         let mut v = [0u8; 8];
@@ -66,20 +72,26 @@ fn elf_extent(image: &[u8]) -> Option<u64> {
     if phentsize < 56 {
         return None;
     }
-    let mut end = 0u64;
+    let mut segs = Vec::new();
     for i in 0..phnum {
         let ph = phoff.checked_add(i.checked_mul(phentsize)?)?;
         if rd(ph, 4)? == 1 {
-            let paddr = rd(ph + 24, 8)?;
-            let memsz = rd(ph + 40, 8)?;
-            end = end.max(paddr.checked_add(memsz)?);
+            segs.push((rd(ph + 24, 8)?, rd(ph + 32, 8)?, rd(ph + 40, 8)?));
         }
     }
-    Some(end)
+    Some(segs)
 }
 
-pub fn load_pvh(mem: &GuestMemoryMmap, image: &[u8], what: &str, cmdline: &str, mem_size: u64) -> Result<Entry, Error> {
+/// Load the kernel and the PVH boot data into guest RAM. linux-loader writes
+/// into a scratch vm-memory space (lazily allocated, never touched beyond the
+/// image); the bytes it wrote are then copied into the pager-backed RAM, so
+/// no guest page is populated except those the image and boot data occupy.
+pub fn load_pvh(ram: &GuestRam, image: &[u8], what: &str, cmdline: &str) -> Result<Entry, Error> {
+    let mem_size = ram.size;
     check_elf(image, what, mem_size)?;
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size as usize)])
+        .map_err(|e| Error::Crash(format!("cannot allocate scratch memory for loading: {e}")))?;
+    let mem = &mem;
     let res: KernelLoaderResult = Elf::load(mem, None, &mut Cursor::new(image), Some(GuestAddress(HIMEM_START)))
         .map_err(|e| Error::Config(format!("cannot load {what}: {e}")))?;
     let entry = match res.pvh_boot_cap {
@@ -112,6 +124,20 @@ pub fn load_pvh(mem: &GuestMemoryMmap, image: &[u8], what: &str, cmdline: &str, 
     params.set_sections(&memmap, GuestAddress(MEMMAP_ADDR));
     PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)
         .map_err(|e| Error::Crash(format!("cannot write the PVH start info: {e}")))?;
+
+    let mut ranges = vec![
+        (START_INFO_ADDR, std::mem::size_of::<hvm_start_info>() as u64),
+        (MEMMAP_ADDR, std::mem::size_of_val(&memmap) as u64),
+        (CMDLINE_ADDR, bytes.len() as u64),
+    ];
+    let segs = elf_segments(image).ok_or_else(|| Error::Config(format!("{what} has malformed program headers")))?;
+    ranges.extend(segs.iter().map(|&(paddr, filesz, _)| (paddr, filesz)));
+    for (start, len) in ranges {
+        let mut buf = vec![0u8; len as usize];
+        mem.read_slice(&mut buf, GuestAddress(start))
+            .map_err(|e| Error::Crash(format!("cannot read back loaded bytes at {start:#x}: {e}")))?;
+        ram.write(start, &buf).map_err(|e| Error::Crash(format!("cannot write guest RAM at {start:#x}: {e}")))?;
+    }
     Ok(Entry { pvh_entry: entry, start_info: START_INFO_ADDR })
 }
 

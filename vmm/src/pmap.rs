@@ -1,0 +1,331 @@
+//! The KVM pmap: a guest-physical range of the VMM's own address space (the
+//! "view") that a KVM memslot points at. `enter` makes a pager frame visible
+//! at a guest address by mapping the frame pool's memfd there, `remove` makes
+//! it absent again, `protect` write-protects it. KVM follows these host
+//! mapping changes through its MMU notifiers.
+//!
+//! Two ways to learn that the guest touched an absent page:
+//! - uffd: the view is registered for missing, minor and write-protect faults;
+//!   absent = no PTE (the frame may or may not be in the memfd's page cache).
+//!   `enter` installs the PTE with UFFDIO_CONTINUE (page in the cache) or
+//!   UFFDIO_ZEROPAGE (a hole, which is zero by construction), which also wakes
+//!   the faulting thread.
+//! - exit: absent = PROT_NONE; an emulated guest access then comes back from
+//!   KVM_RUN as KVM_EXIT_MMIO with the address, and `enter` is an mprotect.
+//!
+//! A page is remapped (one mmap) only when the frame to show is not the one
+//! the view already maps at that address; frames of one object are laid out
+//! contiguously, so neighbouring guest pages keep merging into one host VMA.
+
+use crate::uffd::{Mode, Uffd};
+use log::error;
+use pager::{Frame, Pmap, Prot, PAGE_SIZE};
+use parking_lot::Mutex;
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+const PS: u64 = PAGE_SIZE as u64;
+/// `slots[p]` holds the frame mapped at page p, plus these bits.
+const PRESENT: u64 = 1 << 63;
+/// The slot's frame was installed before, so its data is likely in the page
+/// cache (CONTINUE first); a never-installed frame is likely a hole (ZEROPAGE first).
+const SEEN: u64 = 1 << 62;
+const FLAGS: u64 = PRESENT | SEEN;
+const NO_FRAME: u64 = u64::MAX >> 2;
+
+/// How absent pages reach the VMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    Uffd,
+    Exit,
+}
+
+#[derive(Default)]
+pub struct ViewStats {
+    /// mmap calls that changed which frame a page shows.
+    pub remaps: AtomicU64,
+    /// Pages installed (CONTINUE, ZEROPAGE or mprotect).
+    pub installs: AtomicU64,
+    /// Host mapping calls that failed (e.g. vm.max_map_count reached).
+    pub map_errors: AtomicU64,
+}
+
+/// Host view of one guest-physical range.
+pub struct View {
+    base: u64,
+    size: u64,
+    pool_fd: RawFd,
+    delivery: Delivery,
+    uffd: Option<Arc<Uffd>>,
+    /// Writes a frame's zeros into the page cache (read-only installs of a hole).
+    zero_frame: Box<dyn Fn(Frame) -> bool + Send + Sync>,
+    slots: Mutex<Vec<u64>>,
+    pub stats: ViewStats,
+}
+
+// SAFETY: `base` is an address in our own mapping, never dereferenced here
+// except through syscalls; all mutable state is behind the mutex.
+unsafe impl Send for View {}
+unsafe impl Sync for View {}
+
+fn check(r: libc::c_int) -> io::Result<()> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+const ALL_FAULTS: Mode = Mode { missing: true, write_protect: true, minor: true };
+
+impl View {
+    /// Reserve `size` bytes and map the pool frames `[first, first + pages)`
+    /// there, with no page present yet.
+    pub fn new(
+        size: u64,
+        pool_fd: RawFd,
+        first_frame: Option<Frame>,
+        delivery: Delivery,
+        uffd: Option<Arc<Uffd>>,
+        zero_frame: Box<dyn Fn(Frame) -> bool + Send + Sync>,
+    ) -> io::Result<View> {
+        let prot = match delivery {
+            Delivery::Uffd => libc::PROT_READ | libc::PROT_WRITE,
+            Delivery::Exit => libc::PROT_NONE,
+        };
+        let first = first_frame.unwrap_or(0);
+        // SAFETY: a fresh shared mapping of our memfd at a kernel-chosen address.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                prot,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                pool_fd,
+                (first * PS) as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let npages = (size / PS) as usize;
+        let slots = (0..npages as u64).map(|i| if first_frame.is_some() { first + i } else { NO_FRAME }).collect();
+        let v = View {
+            base: p as u64,
+            size,
+            pool_fd,
+            delivery,
+            uffd,
+            zero_frame,
+            slots: Mutex::new(slots),
+            stats: ViewStats::default(),
+        };
+        if let Some(u) = &v.uffd {
+            u.register(v.base, size, ALL_FAULTS)?;
+        }
+        Ok(v)
+    }
+
+    pub fn host_addr(&self) -> u64 {
+        self.base
+    }
+    pub fn delivery(&self) -> Delivery {
+        self.delivery
+    }
+    /// Guest address of a host address inside the view.
+    pub fn gpa_of(&self, host: u64) -> Option<u64> {
+        host.checked_sub(self.base).filter(|&o| o < self.size)
+    }
+    /// Is a PTE present at `gpa` (as far as enter/remove know)?
+    pub fn present(&self, gpa: u64) -> bool {
+        self.slots.lock().get((gpa / PS) as usize).is_some_and(|s| s & PRESENT != 0)
+    }
+    /// Number of present pages (for `--prefault` checks and stats).
+    pub fn present_count(&self) -> usize {
+        self.slots.lock().iter().filter(|&&s| s & PRESENT != 0).count()
+    }
+
+    /// Show `frame` at `host` (one page) if the view maps another frame there.
+    fn map_frame(&self, host: u64, frame: Frame, prot: Prot) -> io::Result<()> {
+        let hprot = match self.delivery {
+            Delivery::Uffd => libc::PROT_READ | libc::PROT_WRITE,
+            Delivery::Exit => host_prot(prot),
+        };
+        // SAFETY: replacing one page of our own view with a page of our memfd.
+        let p = unsafe {
+            libc::mmap(
+                host as *mut libc::c_void,
+                PAGE_SIZE,
+                hprot,
+                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                self.pool_fd,
+                (frame * PS) as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        self.stats.remaps.fetch_add(1, Ordering::Relaxed);
+        if let Some(u) = &self.uffd {
+            // A new mapping is not registered with userfaultfd: register it.
+            u.register(host, PS, ALL_FAULTS)?;
+        }
+        Ok(())
+    }
+
+    /// Install the PTE of an already-mapped frame with `prot`.
+    fn install(&self, host: u64, frame: Frame, prot: Prot, seen: bool) -> io::Result<()> {
+        self.stats.installs.fetch_add(1, Ordering::Relaxed);
+        let Some(u) = &self.uffd else {
+            // SAFETY: changing protection of one page of our view.
+            return check(unsafe { libc::mprotect(host as *mut libc::c_void, PAGE_SIZE, host_prot(prot)) });
+        };
+        let wp = !prot.writable();
+        // ZEROPAGE only succeeds on an empty page-cache slot (a hole, which is
+        // zero), so trying it first is safe; EEXIST means data is there.
+        if !wp && !seen {
+            match u.zeropage(host, PS) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        for _ in 0..8 {
+            match u.continue_(host, PS, wp) {
+                Ok(()) => return Ok(()),
+                Err(e) => match e.raw_os_error() {
+                    // A PTE is already there: just set its write protection.
+                    Some(libc::EEXIST) => return u.write_protect(host, PS, wp),
+                    // Not in the page cache: the frame is a hole, i.e. zero.
+                    Some(libc::EFAULT) if !wp => match u.zeropage(host, PS) {
+                        Ok(()) => return Ok(()),
+                        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
+                        Err(e) => return Err(e),
+                    },
+                    // Read-only hole: put the zeros in the page cache first so
+                    // the page appears write-protected in one step.
+                    Some(libc::EFAULT) => {
+                        if !(self.zero_frame)(frame) {
+                            return Err(io::Error::other("cannot zero a frame"));
+                        }
+                    }
+                    Some(libc::EAGAIN) => std::thread::yield_now(),
+                    _ => return Err(e),
+                },
+            }
+        }
+        Err(io::Error::other("page kept changing under UFFDIO_CONTINUE"))
+    }
+
+    fn range(&self, start: u64, end: u64) -> Option<(usize, usize)> {
+        let s = start.min(self.size) / PS;
+        let e = end.min(self.size).div_ceil(PS);
+        (s < e).then_some((s as usize, e as usize))
+    }
+}
+
+fn host_prot(p: Prot) -> libc::c_int {
+    let mut h = libc::PROT_NONE;
+    if p.contains(Prot::READ) || p.contains(Prot::EXEC) {
+        h |= libc::PROT_READ;
+    }
+    if p.writable() {
+        h |= libc::PROT_READ | libc::PROT_WRITE;
+    }
+    h
+}
+
+impl Pmap for View {
+    fn enter(&self, addr: u64, frame: Frame, prot: Prot, _wired: bool) {
+        let p = (addr / PS) as usize;
+        let host = self.base + p as u64 * PS;
+        let mut slots = self.slots.lock();
+        let Some(slot) = slots.get_mut(p) else { return };
+        let res = (|| {
+            let mut seen = *slot & SEEN != 0;
+            if *slot & !FLAGS != frame {
+                self.map_frame(host, frame, prot)?;
+                seen = false;
+            }
+            self.install(host, frame, prot, seen)
+        })();
+        match res {
+            Ok(()) => *slot = frame | PRESENT | SEEN,
+            Err(e) => {
+                // The page stays absent; the guest faults again and the VMM
+                // sees map_errors grow.
+                self.stats.map_errors.fetch_add(1, Ordering::Relaxed);
+                *slot = NO_FRAME;
+                error!("cannot map frame {frame} at guest {addr:#x}: {e} (check vm.max_map_count)");
+            }
+        }
+    }
+
+    fn remove(&self, start: u64, end: u64) {
+        let Some((s, e)) = self.range(start, end) else { return };
+        let mut slots = self.slots.lock();
+        let host = self.base + s as u64 * PS;
+        let len = (e - s) * PAGE_SIZE;
+        // SAFETY: dropping PTEs (uffd) or access (exit) in our own view.
+        let r = unsafe {
+            match self.delivery {
+                Delivery::Uffd => libc::madvise(host as *mut libc::c_void, len, libc::MADV_DONTNEED),
+                Delivery::Exit => libc::mprotect(host as *mut libc::c_void, len, libc::PROT_NONE),
+            }
+        };
+        if let Err(err) = check(r) {
+            self.stats.map_errors.fetch_add(1, Ordering::Relaxed);
+            error!("cannot remove guest [{start:#x}, {end:#x}): {err}");
+        }
+        for s in &mut slots[s..e] {
+            *s &= !PRESENT;
+        }
+    }
+
+    fn protect(&self, start: u64, end: u64, prot: Prot) {
+        if prot.writable() {
+            return; // pmap_protect only ever takes rights away
+        }
+        if prot == Prot::NONE {
+            return self.remove(start, end);
+        }
+        let Some((s, e)) = self.range(start, end) else { return };
+        let slots = self.slots.lock();
+        // Only present pages change; absent ones fault and get their prot then.
+        let mut i = s;
+        while i < e {
+            if slots[i] & PRESENT == 0 {
+                i += 1;
+                continue;
+            }
+            let run = slots[i..e].iter().take_while(|&&x| x & PRESENT != 0).count();
+            let host = self.base + i as u64 * PS;
+            let len = run as u64 * PS;
+            let r = match &self.uffd {
+                Some(u) => u.write_protect(host, len, true),
+                // SAFETY: reducing access to present pages of our own view.
+                None => check(unsafe { libc::mprotect(host as *mut libc::c_void, len as usize, host_prot(prot)) }),
+            };
+            if let Err(err) = r {
+                self.stats.map_errors.fetch_add(1, Ordering::Relaxed);
+                error!("cannot write-protect guest {:#x}+{len:#x}: {err}", i as u64 * PS);
+            }
+            i += run;
+        }
+    }
+
+    fn extract(&self, addr: u64) -> Option<Frame> {
+        let s = *self.slots.lock().get((addr / PS) as usize)?;
+        (s & PRESENT != 0).then_some(s & !FLAGS)
+    }
+}
+
+impl Drop for View {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own view; nothing references it any more.
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.size as usize) };
+    }
+}
