@@ -71,6 +71,10 @@ pub struct RunArgs {
     /// How to enter the guest: auto (alias: direct) detects the protocol from the image.
     #[arg(long, value_enum, default_value_t = crate::boot::BootMode::Auto)]
     pub boot: crate::boot::BootMode,
+    /// Test only: spoil the firmware boot info (missing, version, size,
+    /// checksum, address) to exercise the firmware's error path.
+    #[arg(long, value_enum, hide = true, value_name = "HOW")]
+    pub boot_info_corrupt: Option<crate::boot::firmware::Corrupt>,
     /// The KVM device to open.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     pub kvm_device: PathBuf,
@@ -125,6 +129,11 @@ impl RunArgs {
                     "--timeout {t} must be a positive number of seconds"
                 )));
             }
+        }
+        if self.boot_info_corrupt.is_some() && self.boot != crate::boot::BootMode::Firmware {
+            return Err(Error::Config(
+                "--boot-info-corrupt only applies to --boot firmware".into(),
+            ));
         }
         if self.cmdline.len() >= crate::boot::CMDLINE_MAX {
             return Err(Error::Config(format!(

@@ -41,6 +41,8 @@ pub struct Shared {
     pub tests: Mutex<Vec<TestResult>>,
     pub nr_vcpus: u32,
     pub tsc_khz: u32,
+    /// The firmware ROM's memory (`--boot firmware`), kept for KVM's sake.
+    _rom: Option<GuestMemoryMmap>,
     parked: AtomicU32,
     outcome: Mutex<Option<Outcome>>,
     exit_evt: EventFd,
@@ -130,6 +132,13 @@ pub fn run(args: &RunArgs) -> Result<u8, Error> {
         })?;
     register_memory(&vm, &mem)?;
     let entry = boot::load_pvh(&mem, &image, &what, &args.cmdline, args.memory)?;
+    let firmware = args.boot == boot::BootMode::Firmware;
+    let rom = if firmware {
+        boot::firmware::write_boot_info(&mem, &entry, args.boot_info_corrupt)?;
+        Some(boot::firmware::map_rom(&kvm, &vm)?)
+    } else {
+        None
+    };
 
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -148,7 +157,11 @@ pub fn run(args: &RunArgs) -> Result<u8, Error> {
             }
         }
         vcpu.set_cpuid2(&c).map_err(Error::kvm("KVM_SET_CPUID2"))?;
-        boot::setup_vcpu(&vcpu, &entry)?;
+        if firmware {
+            boot::firmware::setup_vcpu(&vcpu)?;
+        } else {
+            boot::setup_vcpu(&vcpu, &entry)?;
+        }
         vcpus.push(vcpu);
     }
     let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0);
@@ -160,15 +173,21 @@ pub fn run(args: &RunArgs) -> Result<u8, Error> {
         tests: Mutex::new(Vec::new()),
         nr_vcpus: args.vcpus,
         tsc_khz,
+        _rom: rom,
         parked: AtomicU32::new(0),
         outcome: Mutex::new(None),
         exit_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::io("eventfd"))?,
     });
     info!(
-        "booting {what}: {} MiB, {} vcpu(s), entry {:#x}",
+        "booting {what}: {} MiB, {} vcpu(s), entry {:#x}{}",
         args.memory >> 20,
         args.vcpus,
-        entry.pvh_entry
+        entry.pvh_entry,
+        if firmware {
+            " through the firmware"
+        } else {
+            ""
+        }
     );
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let s = shared.clone();
