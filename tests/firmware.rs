@@ -200,3 +200,98 @@ fn corrupting_needs_firmware_boot() {
     let r = run(&["--boot-info-corrupt", "missing"]);
     assert_one_line_error(&r, 2, "only applies to --boot firmware");
 }
+
+/// The same ROM under QEMU: its own reset state, `-bios`, and the boot info,
+/// start info, memory map and command line put in RAM by QEMU's loader
+/// device, as vkvm would write them. The guest finds no vkvm there and exits
+/// through isa-debug-exit.
+#[test]
+fn firmware_boots_the_guest_under_qemu() {
+    if std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var("VKVM_REQUIRE_QEMU").as_deref() != Ok("1"),
+            "VKVM_REQUIRE_QEMU=1 but qemu-system-x86_64 is not installed"
+        );
+        eprintln!("skipping: qemu-system-x86_64 is not installed");
+        return;
+    }
+    need_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let elf = bundled_guest(dir.path());
+    let rom = dir.path().join("rom.bin");
+    let st = std::process::Command::new(VKVM)
+        .args(["firmware", "--output"])
+        .arg(&rom)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(std::fs::metadata(&rom).unwrap().len(), 0x1_0000);
+
+    let bytes = std::fs::read(&elf).unwrap();
+    let note: &[u8] = &[4, 0, 0, 0, 4, 0, 0, 0, 18, 0, 0, 0, b'X', b'e', b'n', 0];
+    let at = bytes
+        .windows(note.len())
+        .position(|w| w == note)
+        .expect("PVH note in the bundled guest");
+    let entry = u32::from_le_bytes(bytes[at + 16..at + 20].try_into().unwrap());
+    // Written from the README's tables, not from vkvm's code, so that the
+    // documented layout is checked too. 0x5000 boot info, 0x6000
+    // hvm_start_info, 0x7000 memory map.
+    let mut low = vec![0u8; 0x2000 + 48];
+    let mut words = [0u32; 8];
+    words[0] = 0x4942_4b56;
+    words[1] = 1 | (32 << 16);
+    words[4] = entry;
+    words[6] = 0x6000;
+    words[2] = 0u32.wrapping_sub(words.iter().fold(0, |a: u32, w| a.wrapping_add(*w)));
+    for (i, w) in words.iter().enumerate() {
+        low[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+    }
+    let put = |buf: &mut Vec<u8>, off: usize, v: &[u8]| buf[off..off + v.len()].copy_from_slice(v);
+    put(&mut low, 0x1000, &0x336e_c578u32.to_le_bytes()); // magic
+    put(&mut low, 0x1004, &1u32.to_le_bytes()); // version
+    put(&mut low, 0x1018, &0x20000u64.to_le_bytes()); // cmdline_paddr
+    put(&mut low, 0x1028, &0x7000u64.to_le_bytes()); // memmap_paddr
+    put(&mut low, 0x1030, &2u32.to_le_bytes()); // memmap_entries
+    for (i, (addr, size)) in [(0u64, 0x9_fc00u64), (0x10_0000, (256 << 20) - 0x10_0000)]
+        .into_iter()
+        .enumerate()
+    {
+        let e = 0x2000 + i * 24;
+        put(&mut low, e, &addr.to_le_bytes());
+        put(&mut low, e + 8, &size.to_le_bytes());
+        put(&mut low, e + 16, &1u32.to_le_bytes()); // RAM
+    }
+    let low_path = dir.path().join("low.bin");
+    std::fs::write(&low_path, &low).unwrap();
+    let cmdline = dir.path().join("cmdline.bin");
+    std::fs::write(&cmdline, b"tests=selfcheck\0").unwrap();
+
+    let loader = |file: &std::path::Path, addr: &str| {
+        format!("loader,file={},addr={addr},force-raw=on", file.display())
+    };
+    let out = std::process::Command::new("timeout")
+        .args(["120", "qemu-system-x86_64", "-M", "pc", "-accel", "kvm"])
+        .args(["-m", "256", "-nographic", "-no-reboot", "-monitor", "none"])
+        .arg("-bios")
+        .arg(&rom)
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .args(["-device", &format!("loader,file={}", elf.display())])
+        .args(["-device", &loader(&low_path, "0x5000")])
+        .args(["-device", &loader(&cmdline, "0x20000")])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("on another VMM"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("test selfcheck cpu 0: pass"), "{stdout}");
+    // isa-debug-exit: status 0 from the guest becomes (0 << 1) | 1.
+    assert_eq!(out.status.code(), Some(1));
+}

@@ -47,6 +47,12 @@ pub enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Write the bundled firmware ROM (64 KiB, flat, loaded at 0xFFFF0000).
+    Firmware {
+        /// Where to write the image.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
 }
 
 #[derive(Args, Clone, Debug)]

@@ -27,6 +27,9 @@ fn main() -> ExitCode {
     let status = match cli.command {
         cli::Command::Run(args) => vm::run(&args),
         cli::Command::Guest { output } => guest_image::write(&output).map(|()| 0),
+        cli::Command::Firmware { output } => std::fs::write(&output, boot::firmware::ROM)
+            .map(|()| 0)
+            .map_err(Error::io(format!("cannot write {}", output.display()))),
     };
     match status {
         Ok(s) => ExitCode::from(s),
