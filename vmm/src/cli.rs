@@ -74,7 +74,8 @@ pub struct RunArgs {
     /// Write exit counts, test results and statistics as JSON at exit.
     #[arg(long, value_name = "PATH")]
     pub stats_json: Option<PathBuf>,
-    /// How to enter the guest: auto (alias: direct) detects the protocol from the image.
+    /// How to enter the guest: auto (alias: direct) detects the protocol from the image;
+    /// firmware starts at the reset vector and boots through the bundled firmware.
     #[arg(long, value_enum, default_value_t = crate::boot::BootMode::Auto)]
     pub boot: crate::boot::BootMode,
     /// Test only: spoil the firmware boot info (missing, version, size,
