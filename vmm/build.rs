@@ -1,6 +1,7 @@
-//! Builds the bundled guest kernel (`guest/`) with the host toolchain and
-//! hands its path to the crate (`VKVM_GUEST_ELF`), so a plain `cargo run`
-//! from a clean clone builds everything.
+//! Builds the bundled guest kernel (`guest/`) and the reset-vector firmware
+//! (`firmware/`) with the host toolchain and hands their paths to the crate
+//! (`VKVM_GUEST_ELF`, `VKVM_FIRMWARE_BIN`), so a plain `cargo run` from a
+//! clean clone builds everything.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,6 +17,23 @@ fn main() {
     let dst = out.join("vkvm-guest.elf");
     std::fs::copy(&elf, &dst).expect("copy guest ELF");
     println!("cargo:rustc-env=VKVM_GUEST_ELF={}", dst.display());
+    build_firmware(&manifest, &out);
+}
+
+/// The firmware links straight to a flat ROM image (`--oformat=binary` in
+/// firmware/.cargo/config.toml), so there is nothing to convert here.
+fn build_firmware(manifest: &Path, out: &Path) {
+    let fw = manifest.join("../firmware");
+    for f in ["src", "Cargo.toml", "build.rs", "linker.ld", ".cargo/config.toml"] {
+        println!("cargo:rerun-if-changed={}", fw.join(f).display());
+    }
+    let bin = build_freestanding(&fw, &out.join("firmware-target"), "vkvm-firmware");
+    let dst = out.join("vkvm-firmware.bin");
+    std::fs::copy(&bin, &dst).expect("copy firmware image");
+    // The ROM is 64 KiB ending at 4 GiB; any other size would move the reset vector.
+    let len = std::fs::metadata(&dst).expect("firmware image").len();
+    assert_eq!(len, 0x1_0000, "firmware image is {len} bytes, not 64 KiB");
+    println!("cargo:rustc-env=VKVM_FIRMWARE_BIN={}", dst.display());
 }
 
 /// Run `cargo build --release` in `dir` (whose .cargo/config.toml carries the
@@ -31,7 +49,7 @@ fn build_freestanding(dir: &Path, target_dir: &Path, bin: &str) -> PathBuf {
             cmd.env_remove(&k);
         }
     }
-    let status = cmd.status().expect("run cargo for the guest");
+    let status = cmd.status().expect("run cargo for a freestanding image");
     assert!(status.success(), "building {} failed", dir.display());
     target_dir.join("x86_64-unknown-linux-gnu/release").join(bin)
 }

@@ -73,6 +73,12 @@ pub enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Write the bundled firmware ROM (64 KiB, flat, loaded at 0xFFFF0000).
+    Firmware {
+        /// Where to write the image.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -117,9 +123,14 @@ pub struct RunArgs {
     /// Swap file (created; default: an unlinked temporary file).
     #[arg(long, value_name = "PATH")]
     pub swap: Option<PathBuf>,
-    /// How to enter the guest: auto (alias: direct) detects the protocol from the image.
+    /// How to enter the guest: auto (alias: direct) detects the protocol from the image;
+    /// firmware starts at the reset vector and boots through the bundled firmware.
     #[arg(long, value_enum, default_value_t = crate::boot::BootMode::Auto)]
     pub boot: crate::boot::BootMode,
+    /// Test only: spoil the firmware boot info (missing, version, size,
+    /// checksum, address) to exercise the firmware's error path.
+    #[arg(long, value_enum, hide = true, value_name = "HOW")]
+    pub boot_info_corrupt: Option<crate::boot::firmware::Corrupt>,
     /// The KVM device to open.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     pub kvm_device: PathBuf,
@@ -173,6 +184,9 @@ impl RunArgs {
             if !(t > 0.0 && t.is_finite()) {
                 return Err(Error::Config(format!("--timeout {t} must be a positive number of seconds")));
             }
+        }
+        if self.boot_info_corrupt.is_some() && self.boot != crate::boot::BootMode::Firmware {
+            return Err(Error::Config("--boot-info-corrupt only applies to --boot firmware".into()));
         }
         if self.cmdline.len() >= crate::boot::CMDLINE_MAX {
             return Err(Error::Config(format!(

@@ -1,6 +1,7 @@
 //! The vCPU loop: KVM_RUN, dispatch the exit, re-enter.
 
 use crate::abi;
+use crate::boot::firmware;
 use crate::devices::{self, COM1_BASE, COM1_END, DEBUG_EXIT_PORT};
 use crate::exit::Reason;
 use crate::hypercall::{self, Action};
@@ -108,6 +109,13 @@ fn io_out(shared: &Shared, id: u32, port: u16, data: &[u8]) -> Step {
             }
         }
         abi::NULL_PORT => {}
+        firmware::ERROR_PORT if data.len() == 4 => {
+            let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            match firmware::error_message(v) {
+                Some(msg) => return Step::Stop(Outcome::Crash(msg)),
+                None => debug!("vcpu {id}: firmware error port: {v:#x} is no firmware message"),
+            }
+        }
         DEBUG_EXIT_PORT => {
             let mut v = [0u8; 4];
             let n = data.len().min(4);

@@ -46,6 +46,8 @@ pub struct Shared {
     pub tsc_khz: u32,
     /// Exit-latency histograms, when profiling is on.
     pub profile: Option<crate::profile::Profile>,
+    /// The firmware ROM's memory (`--boot firmware`), kept for KVM's sake.
+    _rom: Option<vm_memory::GuestMemoryMmap>,
     parked: AtomicU32,
     outcome: Mutex<Option<Outcome>>,
     exit_evt: EventFd,
@@ -166,6 +168,13 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
     if args.prefault {
         ram.prefault_all()?;
     }
+    let firmware = args.boot == boot::BootMode::Firmware;
+    let rom = if firmware {
+        boot::firmware::write_boot_info(&ram, &entry, args.boot_info_corrupt)?;
+        Some(boot::firmware::map_rom(&kvm, &vm)?)
+    } else {
+        None
+    };
 
     let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
     let mut vcpus = Vec::new();
@@ -180,7 +189,11 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
             }
         }
         vcpu.set_cpuid2(&c).map_err(Error::kvm("KVM_SET_CPUID2"))?;
-        boot::setup_vcpu(&vcpu, &entry)?;
+        if firmware {
+            boot::firmware::setup_vcpu(&vcpu)?;
+        } else {
+            boot::setup_vcpu(&vcpu, &entry)?;
+        }
         vcpus.push(vcpu);
     }
     let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0);
@@ -194,11 +207,18 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
         nr_vcpus: args.vcpus,
         tsc_khz,
         profile: profiling.then(|| crate::profile::Profile::new(args.vcpus)),
+        _rom: rom,
         parked: AtomicU32::new(0),
         outcome: Mutex::new(None),
         exit_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::io("eventfd"))?,
     });
-    info!("booting {what}: {} MiB, {} vcpu(s), entry {:#x}", args.memory >> 20, args.vcpus, entry.pvh_entry);
+    info!(
+        "booting {what}: {} MiB, {} vcpu(s), entry {:#x}{}",
+        args.memory >> 20,
+        args.vcpus,
+        entry.pvh_entry,
+        if firmware { " through the firmware" } else { "" }
+    );
     let stop_faults = Arc::new(AtomicBool::new(false));
     if ram.uffd.is_some() {
         let (r, d, stop, s) = (ram.clone(), shared.delivery.clone(), stop_faults.clone(), shared.clone());

@@ -1,5 +1,6 @@
 //! Booting a guest: which protocol, and the common vCPU entry state.
 
+pub mod firmware;
 pub mod pvh;
 
 pub use pvh::{check_elf, load_pvh, setup_vcpu, CMDLINE_MAX};
@@ -13,4 +14,7 @@ pub enum BootMode {
     Auto,
     /// Direct boot through the PVH entry note.
     Pvh,
+    /// Start at the reset vector in real mode; the bundled firmware enters
+    /// the guest's PVH entry.
+    Firmware,
 }
