@@ -160,6 +160,71 @@ pub static RECOVERY: [Recovery; MAX_CPUS] = [const {
     }
 }; MAX_CPUS];
 
+/// A fault a probe caught: vector, address (CR2) and error code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caught {
+    pub vector: u64,
+    pub addr: u64,
+    pub error: u64,
+}
+
+/// Write `val` to `addr` from ring 3; if that faults, the exception handler
+/// resumes after the store and the fault is returned instead.
+pub fn probe_write(cpu: usize, addr: u64, val: u8) -> Option<Caught> {
+    let rec = &RECOVERY[cpu % MAX_CPUS];
+    rec.vector.store(u64::MAX, Ordering::Relaxed);
+    // SAFETY: the store may fault; the handler then resumes at label 2.
+    unsafe {
+        asm!(
+            "lea {tmp}, [rip + 2f]",
+            "mov [{resume}], {tmp}",
+            "mov byte ptr [{addr}], {val}",
+            "2:",
+            "mov qword ptr [{resume}], 0",
+            resume = in(reg) rec.resume.as_ptr(),
+            addr = in(reg) addr,
+            val = in(reg_byte) val,
+            tmp = out(reg) _,
+            options(nostack)
+        );
+    }
+    caught(rec)
+}
+
+/// Read a byte like `probe_write` writes one (used by the vpt-* tests).
+#[allow(dead_code)]
+pub fn probe_read(cpu: usize, addr: u64) -> Result<u8, Caught> {
+    let rec = &RECOVERY[cpu % MAX_CPUS];
+    rec.vector.store(u64::MAX, Ordering::Relaxed);
+    let v: u8;
+    // SAFETY: as in probe_write.
+    unsafe {
+        asm!(
+            "xor {v}, {v}",
+            "lea {tmp}, [rip + 2f]",
+            "mov [{resume}], {tmp}",
+            "mov {v}, byte ptr [{addr}]",
+            "2:",
+            "mov qword ptr [{resume}], 0",
+            resume = in(reg) rec.resume.as_ptr(),
+            addr = in(reg) addr,
+            v = out(reg_byte) v,
+            tmp = out(reg) _,
+            options(nostack)
+        );
+    }
+    caught(rec).map_or(Ok(v), Err)
+}
+
+fn caught(rec: &Recovery) -> Option<Caught> {
+    let vector = rec.vector.load(Ordering::Relaxed);
+    (vector != u64::MAX).then(|| Caught {
+        vector,
+        addr: rec.addr.load(Ordering::Relaxed),
+        error: rec.error.load(Ordering::Relaxed),
+    })
+}
+
 /// Set by the `triple-fault` test: the next exception wrecks the IDT.
 pub static TRIPLE_FAULT: AtomicBool = AtomicBool::new(false);
 

@@ -29,6 +29,7 @@ static START_INFO: AtomicU64 = AtomicU64::new(0);
 extern "C" fn kmain(start_info: u64, cpu: u64) -> ! {
     if cpu == 0 {
         START_INFO.store(start_info, Ordering::Relaxed);
+        tests::kernel_touch_at_boot(start_info);
     }
     arch::init_and_enter_user(cpu as usize, user_entry)
 }

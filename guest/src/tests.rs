@@ -29,6 +29,8 @@ pub static ALL: &[Test] = &[
     t("random-touch", "first touch of every arena page in a seeded random order", false, random_touch),
     t("write-verify", "address-derived patterns over the whole arena, rewritten and re-read", true, write_verify),
     t("smp-storm", "every CPU writes its own word of every shared page in a seeded order, then verifies", true, smp_storm),
+    t("file-map", "FNV-1a of every --map-file region; writes by mode (ro must fault)", false, file_map),
+    t("kernel-touch", "ring 0 touched fresh pages at boot (exit delivery); ring 3 checks them", false, kernel_touch),
     t("bad-hypercall", "hostile hypercall arguments get error codes", false, bad_hypercall),
     t("crash", "ring-3 access to an unmapped address: the kernel reports a crash", false, crash),
     t("triple-fault", "wreck the IDT and fault: the VM shuts down", false, triple_fault),
@@ -464,6 +466,139 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
         (a, b) = (b, a % b);
     }
     a
+}
+
+/// FNV-1a, 64-bit.
+fn fnv1a(start: u64, len: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for a in start..start + len {
+        // SAFETY: inside a region vkvm mapped for us.
+        h ^= unsafe { (a as *const u8).read_volatile() } as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Marker the file-map test writes at the start of writable regions.
+pub const FILE_MARK: &[u8] = b"vkvm wrote this\n";
+
+/// `vkvm.files=GPA:LEN:MODE,...` (added by vkvm for --map-file): report the
+/// FNV-1a of each region (as read before any write), then write the marker
+/// to shared and private regions, and check that a write to a read-only one
+/// faults at the right address and changes nothing.
+fn file_map(ctx: &Ctx) -> Outcome {
+    let mut out = Outcome::new();
+    let Some(list) = ctx.opt(b"vkvm.files") else {
+        out.fail().s("no vkvm.files on the command line (run with --map-file)");
+        return out;
+    };
+    const NAMES: [&str; 4] = ["fnv0", "fnv1", "fnv2", "fnv3"];
+    let mut ro_faults = 0;
+    for (i, r) in list.split(|&c| c == b',').enumerate().take(NAMES.len()) {
+        let mut f = r.split(|&c| c == b':');
+        let (Some(gpa), Some(len), Some(mode)) = (f.next().and_then(parse_u64), f.next().and_then(parse_u64), f.next())
+        else {
+            out.fail().s("malformed vkvm.files entry");
+            return out;
+        };
+        out.count(NAMES[i], fnv1a(gpa, len));
+        if mode == b"ro" {
+            // SAFETY: reading the first byte of the mapped region.
+            let before = unsafe { (gpa as *const u8).read_volatile() };
+            match arch::probe_write(ctx.cpu, gpa, !before) {
+                Some(c) if c.vector == 14 && c.addr == gpa && c.error & 2 != 0 => ro_faults += 1,
+                Some(c) => {
+                    out.fail().s("read-only write raised vector ").dec(c.vector).s(" at ").hex(c.addr);
+                    return out;
+                }
+                None => {
+                    out.fail().s("a write to the read-only region at ").hex(gpa).s(" did not fault");
+                    return out;
+                }
+            }
+            // SAFETY: as above.
+            if unsafe { (gpa as *const u8).read_volatile() } != before {
+                out.fail().s("a refused write changed the read-only region at ").hex(gpa);
+                return out;
+            }
+        } else {
+            for (k, &b) in FILE_MARK.iter().enumerate() {
+                // SAFETY: writable mapped region.
+                unsafe { ((gpa + k as u64) as *mut u8).write_volatile(b) };
+            }
+        }
+    }
+    out.count("ro_faults", ro_faults);
+    out
+}
+
+/// Pages the kernel touches from ring 0 at boot when asked.
+const KT_BASE: u64 = 12 << 20;
+const KT_PAGES: u64 = 256;
+static KT_CYCLES: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Ring 0, BSP, before ring 3: if the command line names `kernel-touch`,
+/// write one word into each of KT_PAGES fresh pages (on these hosts ring 0
+/// is emulated, so each first touch reaches vkvm as an exit, not a uffd
+/// event from native code). Kept plain: it runs at ~1 µs per instruction.
+pub fn kernel_touch_at_boot(start_info: u64) {
+    // SAFETY: the PVH start info and command line are in identity-mapped RAM.
+    let cmdline = unsafe {
+        if start_info == 0 || (start_info as *const u32).read_volatile() != 0x336e_c578 {
+            return;
+        }
+        ((start_info + 24) as *const u64).read_volatile() // cmdline_paddr
+    };
+    if cmdline == 0 || cmdline >= 1 << 32 || !contains(cmdline, b"kernel-touch") {
+        return;
+    }
+    let t0 = rdtsc();
+    let mut a = KT_BASE;
+    while a < KT_BASE + KT_PAGES * 4096 {
+        // SAFETY: RAM below the test arena's use of it; ring 3 checks it later.
+        unsafe { (a as *mut u64).write_volatile(a ^ 0x6b74) };
+        a += 4096;
+    }
+    KT_CYCLES.store(rdtsc() - t0 + 1, Ordering::Relaxed);
+}
+
+fn contains(s: u64, needle: &[u8]) -> bool {
+    let mut i = 0;
+    loop {
+        // SAFETY: a NUL-terminated command line (bounded to 4 KiB).
+        let c = unsafe { ((s + i) as *const u8).read_volatile() };
+        if c == 0 || i > 4096 {
+            return false;
+        }
+        let mut k = 0;
+        while k < needle.len() && unsafe { ((s + i + k as u64) as *const u8).read_volatile() } == needle[k] {
+            k += 1;
+        }
+        if k == needle.len() {
+            return true;
+        }
+        i += 1;
+    }
+}
+
+fn kernel_touch(_ctx: &Ctx) -> Outcome {
+    let mut out = Outcome::new();
+    let cycles = KT_CYCLES.load(Ordering::Relaxed);
+    if cycles == 0 {
+        out.fail().s("the kernel did not touch its pages at boot");
+        return out;
+    }
+    for p in 0..KT_PAGES {
+        let a = KT_BASE + p * 4096;
+        // SAFETY: the pages the kernel wrote.
+        let v = unsafe { (a as *const u64).read_volatile() };
+        if v != a ^ 0x6b74 {
+            out.fail().s("first wrong address ").hex(a).s(" expected ").hex(a ^ 0x6b74).s(" found ").hex(v);
+            return out;
+        }
+    }
+    out.count("pages", KT_PAGES).count("cycles_per_page", cycles / KT_PAGES);
+    out
 }
 
 fn hang(_ctx: &Ctx) -> Outcome {

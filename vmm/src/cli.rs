@@ -120,6 +120,10 @@ pub struct RunArgs {
     /// Budget of resident guest pages (K/M/G); pages beyond it go to swap.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub phys_mem: Option<u64>,
+    /// Map a host file into guest-physical space above RAM:
+    /// PATH@GPA[,size=LEN][,ro|shared|private] (default ro). Repeatable.
+    #[arg(long = "map-file", value_name = "PATH@GPA[,OPTS]", value_parser = crate::memory::parse_map_file)]
+    pub map_files: Vec<crate::memory::FileMap>,
     /// Swap file (created; default: an unlinked temporary file).
     #[arg(long, value_name = "PATH")]
     pub swap: Option<PathBuf>,
@@ -138,6 +142,14 @@ pub struct RunArgs {
 
 /// Smallest resident budget: the guest image, its stacks and page tables.
 pub const MIN_PHYS_MEM: u64 = 4 << 20;
+
+/// Parse a guest-physical address: `0x...`, decimal, or a size (`3G`).
+pub fn parse_addr(s: &str) -> Result<u64, String> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).map_err(|_| format!("'{s}' is not a hex address")),
+        None => parse_size(s),
+    }
+}
 
 /// Parse `64M`, `1G`, `4096K` or a plain byte count.
 pub fn parse_size(s: &str) -> Result<u64, String> {

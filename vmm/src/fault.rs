@@ -18,6 +18,16 @@ const PS: u64 = 4096;
 const AROUND_MIN: u64 = 16;
 const AROUND_MAX: u64 = 512;
 
+/// A guest access the map refused, to be reported to the guest.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestFault {
+    pub gpa: u64,
+    pub write: bool,
+    /// Thread that faulted (uffd), 0 when unknown.
+    pub tid: u32,
+    pub error: pager::FaultError,
+}
+
 #[derive(Default)]
 pub struct DeliveryStats {
     pub events: AtomicU64,
@@ -32,6 +42,7 @@ pub fn serve(
     stop: Arc<AtomicBool>,
     busy_poll: bool,
     on_error: impl Fn(String),
+    on_guest_fault: impl Fn(GuestFault) -> bool,
 ) {
     let Some(uffd) = ram.uffd.clone() else { return };
     let mut events = [Event::Other(0); 16];
@@ -55,7 +66,7 @@ pub fn serve(
             std::hint::spin_loop();
         }
         for &ev in &events[..n] {
-            let Event::PageFault { addr, write, wp, .. } = ev else { continue };
+            let Event::PageFault { addr, write, wp, tid, .. } = ev else { continue };
             stats.events.fetch_add(1, Ordering::Relaxed);
             let Some(gpa) = ram.view.gpa_of(addr) else {
                 let _ = uffd.wake(addr, PS);
@@ -64,11 +75,20 @@ pub fn serve(
             let access = if write || wp { Prot::WRITE } else { Prot::READ };
             match pager::fault(&ram.map, gpa, access, FaultFlags::NONE) {
                 Ok(_) => {}
-                Err(e) => {
-                    // RAM is mapped whole, so this is the pager failing (swap
-                    // I/O, out of memory): stop the VM rather than hand the
-                    // guest zeros. The vCPU stays blocked until the VM ends.
+                Err(e) if ram.guest_visible(gpa, e) => {
+                    // An access the map does not allow: the vCPU gets an
+                    // exception (it is kicked out of its wait, see vcpu.rs).
                     stats.guest_errors.fetch_add(1, Ordering::Relaxed);
+                    debug!("guest access at {gpa:#x} ({access:?}) refused: {e}");
+                    if !on_guest_fault(GuestFault { gpa, write: access.writable(), tid, error: e }) {
+                        on_error(format!("guest access at {gpa:#x} refused ({e}) by a thread that is not a vCPU"));
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    // The pager failed (swap I/O, out of memory): stop the VM
+                    // rather than hand the guest zeros. The vCPU stays
+                    // blocked until the VM ends.
                     debug!("guest fault at {gpa:#x} ({access:?}) failed: {e}");
                     on_error(format!("guest page {gpa:#x} could not be brought in: {e}"));
                     continue;

@@ -10,10 +10,74 @@ use pager::{FaultError, Map, Prot, Vm};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// A host file mapped into guest-physical space (`--map-file`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileMap {
+    pub path: PathBuf,
+    pub gpa: u64,
+    /// Bytes to map (page multiple); default the file size rounded up.
+    pub len: Option<u64>,
+    pub mode: FileMode,
+}
+
+/// `--map-file` modes (the pager's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileMode {
+    ReadOnly,
+    Shared,
+    Private,
+}
+
+impl FileMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            FileMode::ReadOnly => "ro",
+            FileMode::Shared => "shared",
+            FileMode::Private => "private",
+        }
+    }
+}
+
+/// Parse `PATH@GPA[,size=LEN][,ro|shared|private]`.
+pub fn parse_map_file(s: &str) -> Result<FileMap, String> {
+    let (path, rest) =
+        s.rsplit_once('@').ok_or_else(|| format!("'{s}': expected PATH@GPA[,size=LEN][,ro|shared|private]"))?;
+    let mut parts = rest.split(',');
+    let gpa_s = parts.next().unwrap_or_default();
+    let gpa = crate::cli::parse_addr(gpa_s).map_err(|e| format!("'{s}': {e}"))?;
+    let mut fm = FileMap { path: PathBuf::from(path), gpa, len: None, mode: FileMode::ReadOnly };
+    for p in parts {
+        match p {
+            "ro" => fm.mode = FileMode::ReadOnly,
+            "shared" => fm.mode = FileMode::Shared,
+            "private" => fm.mode = FileMode::Private,
+            _ if p.starts_with("size=") => fm.len = Some(crate::cli::parse_size(&p[5..])?),
+            _ => return Err(format!("'{s}': unknown option '{p}' (ro, shared, private, size=LEN)")),
+        }
+    }
+    if path.is_empty() {
+        return Err(format!("'{s}': empty file name"));
+    }
+    if gpa % 4096 != 0 || fm.len.is_some_and(|l| l == 0 || l % 4096 != 0) {
+        return Err(format!("'{s}': the address and size must be multiples of 4 KiB"));
+    }
+    Ok(fm)
+}
+
+/// A mapped file region, as the guest and the stats see it.
+#[derive(Clone)]
+pub struct Region {
+    pub gpa: u64,
+    pub len: u64,
+    pub mode: FileMode,
+    pub object: pager::ObjHandle,
+}
+
 /// What the user chose for guest memory.
 #[derive(Clone, Debug)]
 pub struct MemConfig {
     pub size: u64,
+    pub files: Vec<FileMap>,
     pub delivery: Delivery,
     /// Resident page budget in bytes (`--phys-mem`); default: all of RAM.
     pub phys_mem: Option<u64>,
@@ -26,6 +90,8 @@ pub struct GuestRam {
     pub view: Arc<View>,
     pub uffd: Option<Arc<Uffd>>,
     pub size: u64,
+    /// `--map-file` regions, in command-line order.
+    pub files: Vec<Region>,
     _ram: pager::ObjHandle,
     _pageout: Option<pager::PageoutDaemon>,
 }
@@ -58,28 +124,44 @@ impl GuestRam {
             Delivery::Exit => None,
         };
         let ram = vm.anonymous(pages);
-        let first = ram.preferred_frames().map(|(b, _)| b);
+        let files = open_files(&vm, cfg)?;
+        let window = files.iter().map(|(f, len, _)| f.gpa + len).fold(cfg.size, u64::max);
         let zvm = vm.clone();
         let view = View::new(
-            cfg.size,
+            window,
             vm.pool().fd(),
-            first,
             cfg.delivery,
             uffd.clone(),
             Box::new(move |f| zvm.pool().zero(f).is_ok()),
         )
-        .map_err(|e| Error::Crash(format!("cannot map the guest RAM view: {e}")))?;
+        .map_err(|e| Error::Crash(format!("cannot reserve the guest-physical view: {e}")))?;
         let view = Arc::new(view);
         let map = Map::new(&vm, view.clone());
+        let crash = |what: &str, e: &dyn std::fmt::Display| Error::Crash(format!("cannot map {what}: {e}"));
+        view.add_region(0, cfg.size, ram.preferred_frames().map(|(b, _)| b)).map_err(|e| crash("guest RAM", &e))?;
         map.map_object(0, cfg.size, ram.clone(), 0, Prot::ALL, Prot::ALL, pager::Inherit::Copy, false)
-            .map_err(|e| Error::Crash(format!("cannot map guest RAM: {e:?}")))?;
+            .map_err(|e| crash("guest RAM", &e))?;
+        let mut regions = Vec::new();
+        for (f, len, obj) in files {
+            let what = f.path.display().to_string();
+            // Private mappings show the anonymous shadow's pages once written,
+            // so only the file object's frames are laid out in place.
+            view.add_region(f.gpa, len, obj.preferred_frames().map(|(b, _)| b)).map_err(|e| crash(&what, &e))?;
+            let mode = match f.mode {
+                FileMode::ReadOnly => pager::FileMode::ReadOnly,
+                FileMode::Shared => pager::FileMode::Shared,
+                FileMode::Private => pager::FileMode::Private,
+            };
+            map.map_file(f.gpa, len, &obj, 0, mode).map_err(|e| crash(&what, &e))?;
+            regions.push(Region { gpa: f.gpa, len, mode: f.mode, object: obj });
+        }
         let pageout = if cfg.phys_mem.is_some() {
             Some(pager::PageoutDaemon::start(&vm).map_err(Error::io("cannot start the pageout daemon"))?)
         } else {
             None
         };
         info!("guest RAM: {} MiB, {:?} delivery, budget {} pages", cfg.size >> 20, cfg.delivery, budget);
-        Ok(GuestRam { vm, map, view, uffd, size: cfg.size, _ram: ram, _pageout: pageout })
+        Ok(GuestRam { vm, map, view, uffd, size: cfg.size, files: regions, _ram: ram, _pageout: pageout })
     }
 
     /// Read guest memory through the pager (brings pages in, never zeros
@@ -94,11 +176,66 @@ impl GuestRam {
         pager::write_guest(&self.map, gpa, buf)
     }
 
-    fn check(&self, gpa: u64, len: usize) -> Result<(), FaultError> {
-        match gpa.checked_add(len as u64) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(FaultError::NotMapped),
+    /// Is a failed fault the guest's own doing (an access the map does not
+    /// allow), to be reported to it as an exception? Otherwise the pager
+    /// failed (I/O error, no memory) and the VM must stop.
+    pub fn guest_visible(&self, gpa: u64, err: FaultError) -> bool {
+        match err {
+            FaultError::NotMapped | FaultError::Protection => true,
+            // An invalid vpte is the guest's; an I/O error is not.
+            FaultError::Failure => self
+                .map
+                .entries()
+                .iter()
+                .any(|e| gpa >= e.start && gpa < e.end && matches!(e.maptype, pager::MapType::VPageTable { .. })),
+            FaultError::NoMemory => false,
         }
+    }
+
+    /// Is `[gpa, gpa + len)` inside RAM or one mapped file?
+    pub fn contains(&self, gpa: u64, len: usize) -> bool {
+        self.check(gpa, len).is_ok()
+    }
+
+    /// Guest accesses by the VMM stay inside RAM or one mapped file.
+    fn check(&self, gpa: u64, len: usize) -> Result<(), FaultError> {
+        let end = gpa.checked_add(len as u64).ok_or(FaultError::NotMapped)?;
+        let inside = |s: u64, l: u64| gpa >= s && end <= s + l;
+        if inside(0, self.size) || self.files.iter().any(|r| inside(r.gpa, r.len)) {
+            Ok(())
+        } else {
+            Err(FaultError::NotMapped)
+        }
+    }
+
+    /// Write shared file mappings back to their files (at exit).
+    pub fn sync_files(&self) -> Result<(), Error> {
+        for r in self.files.iter().filter(|r| r.mode == FileMode::Shared) {
+            r.object.sync().map_err(|e| Error::Crash(format!("cannot write back the file at {:#x}: {e:?}", r.gpa)))?;
+        }
+        Ok(())
+    }
+
+    /// Guest command-line words telling the guest where files are mapped.
+    pub fn guest_cmdline(&self) -> String {
+        let v: Vec<String> =
+            self.files.iter().map(|r| format!("{:#x}:{:#x}:{}", r.gpa, r.len, r.mode.name())).collect();
+        if v.is_empty() {
+            String::new()
+        } else {
+            format!("vkvm.files={}", v.join(","))
+        }
+    }
+
+    /// Bring every page of `[gpa, gpa + len)` in, writable.
+    pub fn populate(&self, gpa: u64, len: u64) -> Result<(), FaultError> {
+        self.check(gpa, len as usize)?;
+        let mut a = gpa & !0xfff;
+        while a < gpa + len {
+            pager::fault(&self.map, a, Prot::WRITE, pager::FaultFlags::NO_PREFAULT)?;
+            a += 4096;
+        }
+        Ok(())
     }
 
     /// Populate every page now (`--prefault`).
@@ -109,6 +246,46 @@ impl GuestRam {
         }
         Ok(())
     }
+}
+
+/// Open every `--map-file`, check sizes and overlaps: (file, bytes, object).
+fn open_files(vm: &Arc<Vm>, cfg: &MemConfig) -> Result<Vec<(FileMap, u64, pager::ObjHandle)>, Error> {
+    let mut out: Vec<(FileMap, u64, pager::ObjHandle)> = Vec::new();
+    for f in &cfg.files {
+        let p = f.path.display();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(f.mode == FileMode::Shared)
+            .open(&f.path)
+            .map_err(|e| Error::Config(format!("--map-file {p}: cannot open: {e}")))?;
+        let flen = file.metadata().map_err(|e| Error::Config(format!("--map-file {p}: {e}")))?.len();
+        if flen == 0 {
+            return Err(Error::Config(format!("--map-file {p}: the file is empty")));
+        }
+        let len = match f.len {
+            Some(l) if l > flen.div_ceil(4096) * 4096 => {
+                return Err(Error::Config(format!(
+                    "--map-file {p}: the file is {flen} bytes, shorter than the {l} asked"
+                )))
+            }
+            Some(l) => l,
+            None => flen.div_ceil(4096) * 4096,
+        };
+        let end = f.gpa.checked_add(len).filter(|&e| e <= crate::vm::MAX_GPA).ok_or_else(|| {
+            Error::Config(format!("--map-file {p}: {:#x}+{len:#x} is beyond the guest-physical space", f.gpa))
+        })?;
+        if f.gpa < cfg.size {
+            return Err(Error::Config(format!("--map-file {p}: {:#x} overlaps guest RAM (0..{:#x})", f.gpa, cfg.size)));
+        }
+        if let Some((o, _, _)) = out.iter().find(|(o, l, _)| f.gpa < o.gpa + l && o.gpa < end) {
+            return Err(Error::Config(format!("--map-file {p} overlaps --map-file {}", o.path.display())));
+        }
+        let obj = vm
+            .file_object(file, f.mode == FileMode::Shared, None)
+            .map_err(|e| Error::Config(format!("--map-file {p}: {e}")))?;
+        out.push((f.clone(), len, obj));
+    }
+    Ok(out)
 }
 
 pub fn uffd_features() -> u64 {

@@ -82,51 +82,74 @@ fn check(r: libc::c_int) -> io::Result<()> {
 const ALL_FAULTS: Mode = Mode { missing: true, write_protect: true, minor: true };
 
 impl View {
-    /// Reserve `size` bytes and map the pool frames `[first, first + pages)`
-    /// there, with no page present yet.
+    /// Reserve a guest-physical window of `size` bytes with nothing in it;
+    /// `add_region` then backs parts of it.
     pub fn new(
         size: u64,
         pool_fd: RawFd,
-        first_frame: Option<Frame>,
         delivery: Delivery,
         uffd: Option<Arc<Uffd>>,
         zero_frame: Box<dyn Fn(Frame) -> bool + Send + Sync>,
     ) -> io::Result<View> {
-        let prot = match delivery {
-            Delivery::Uffd => libc::PROT_READ | libc::PROT_WRITE,
-            Delivery::Exit => libc::PROT_NONE,
-        };
-        let first = first_frame.unwrap_or(0);
-        // SAFETY: a fresh shared mapping of our memfd at a kernel-chosen address.
+        // SAFETY: a fresh inaccessible reservation at a kernel-chosen address.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 size as usize,
-                prot,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-                pool_fd,
-                (first * PS) as libc::off_t,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
             )
         };
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let npages = (size / PS) as usize;
-        let slots = (0..npages as u64).map(|i| if first_frame.is_some() { first + i } else { NO_FRAME }).collect();
-        let v = View {
+        Ok(View {
             base: p as u64,
             size,
             pool_fd,
             delivery,
             uffd,
             zero_frame,
-            slots: Mutex::new(slots),
+            slots: Mutex::new(vec![NO_FRAME; (size / PS) as usize]),
             stats: ViewStats::default(),
-        };
-        if let Some(u) = &v.uffd {
-            u.register(v.base, size, ALL_FAULTS)?;
+        })
+    }
+
+    /// Back `[gpa, gpa + len)` with pool frames `first..` (an object's
+    /// preferred frames, so its pages need no remap), none present yet.
+    pub fn add_region(&self, gpa: u64, len: u64, first_frame: Option<Frame>) -> io::Result<()> {
+        if gpa.checked_add(len).is_none_or(|e| e > self.size) || !gpa.is_multiple_of(PS) || !len.is_multiple_of(PS) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "region outside the view"));
         }
-        Ok(v)
+        let prot = match self.delivery {
+            Delivery::Uffd => libc::PROT_READ | libc::PROT_WRITE,
+            Delivery::Exit => libc::PROT_NONE,
+        };
+        let first = first_frame.unwrap_or(0);
+        // SAFETY: replacing part of our own reservation with our memfd.
+        let p = unsafe {
+            libc::mmap(
+                (self.base + gpa) as *mut libc::c_void,
+                len as usize,
+                prot,
+                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                self.pool_fd,
+                (first * PS) as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        if let Some(u) = &self.uffd {
+            u.register(self.base + gpa, len, ALL_FAULTS)?;
+        }
+        let mut slots = self.slots.lock();
+        for (i, s) in slots[(gpa / PS) as usize..((gpa + len) / PS) as usize].iter_mut().enumerate() {
+            *s = if first_frame.is_some() { first + i as u64 } else { NO_FRAME };
+        }
+        Ok(())
     }
 
     pub fn host_addr(&self) -> u64 {

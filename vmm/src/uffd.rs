@@ -102,6 +102,7 @@ pub enum Event {
         write: bool,
         wp: bool,
         minor: bool,
+        tid: u32,
     },
     Remove {
         start: u64,
@@ -235,6 +236,8 @@ fn decode(m: &[u8]) -> Event {
                 write: flags & PAGEFAULT_FLAG_WRITE != 0,
                 wp: flags & PAGEFAULT_FLAG_WP != 0,
                 minor: flags & PAGEFAULT_FLAG_MINOR != 0,
+                // With UFFD_FEATURE_THREAD_ID: the faulting thread.
+                tid: u32::from_le_bytes(m[24..28].try_into().unwrap_or([0; 4])),
             }
         }
         EVENT_REMOVE => Event::Remove { start: u64_at(8), end: u64_at(16) },
@@ -381,7 +384,12 @@ mod test {
         h.join().unwrap();
         let ev = seen.lock().unwrap().clone();
         let a = m.addr as u64;
-        assert!(ev.contains(&Event::PageFault { addr: a, write: false, wp: false, minor: true }), "{ev:?}");
+        assert!(
+            ev.iter().any(
+                |e| matches!(e, Event::PageFault { addr, write: false, wp: false, minor: true, .. } if *addr == a)
+            ),
+            "{ev:?}"
+        );
         assert!(ev.iter().any(|e| matches!(e, Event::PageFault { addr, wp: true, .. } if *addr == a)), "{ev:?}");
     }
 }

@@ -4,16 +4,23 @@ use crate::abi;
 use crate::boot::firmware;
 use crate::devices::{self, COM1_BASE, COM1_END, DEBUG_EXIT_PORT};
 use crate::exit::Reason;
+use crate::fault::GuestFault;
 use crate::hypercall::{self, Action};
+use crate::pmap::Delivery;
 use crate::vm::{Outcome, Shared};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use log::{debug, warn};
+use pager::{FaultFlags, Prot};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 pub fn run(shared: Arc<Shared>, mut vcpu: VcpuFd, id: u32) {
     let recorder = shared.profile.as_ref().and_then(|p| p.vcpus.get(id as usize));
+    if let Some(slot) = shared.vcpus.get(id as usize) {
+        // SAFETY: gettid has no side effects.
+        slot.tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
+    }
     while !shared.finished() {
         let entered = recorder.map(|_| Instant::now());
         let result = vcpu.run();
@@ -22,8 +29,16 @@ pub fn run(shared: Arc<Shared>, mut vcpu: VcpuFd, id: u32) {
             Ok(exit) => handle_exit(&shared, id, exit),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 shared.stats.exits.count(Reason::Interrupted);
-                (Reason::Interrupted, Step::Continue)
+                (Reason::Interrupted, inject_pending(&shared, &vcpu, id))
             }
+            Err(e) if e.errno() == libc::EFAULT && shared.ram.view.delivery() == Delivery::Exit => (
+                Reason::Other,
+                Step::Stop(Outcome::Crash(format!(
+                    "vcpu {id} touched an absent guest page from code KVM runs natively (ring 3 on this host) and \
+                     KVM_RUN returned EFAULT without the address, so exit delivery cannot resolve it; use \
+                     --fault-delivery uffd (exit delivery covers emulated accesses and KVM_EXIT_MEMORY_FAULT)"
+                ))),
+            ),
             Err(e) => (Reason::Other, Step::Stop(Outcome::Crash(format!("KVM_RUN failed on vcpu {id}: {e}")))),
         };
         if let (Some(rec), Some(t0), Some(t1)) = (recorder, entered, returned) {
@@ -54,6 +69,18 @@ pub fn run(shared: Arc<Shared>, mut vcpu: VcpuFd, id: u32) {
                 shared.park();
                 return;
             }
+            Step::Inject(f) => {
+                debug!(
+                    "vcpu {id}: {} at {:#x} refused ({}): #PF",
+                    if f.write { "write" } else { "read" },
+                    f.gpa,
+                    f.error
+                );
+                if let Err(e) = inject_page_fault(&vcpu, f.gpa, f.write) {
+                    shared.finish(Outcome::Crash(format!("cannot inject a page fault into vcpu {id}: {e}")));
+                    return;
+                }
+            }
         }
     }
 }
@@ -62,6 +89,8 @@ enum Step {
     Continue,
     Park,
     Stop(Outcome),
+    /// Raise #PF for a refused access once the exit's borrow of the vCPU ends.
+    Inject(GuestFault),
 }
 
 fn handle_exit(shared: &Shared, id: u32, exit: VcpuExit) -> (Reason, Step) {
@@ -73,6 +102,18 @@ fn handle_exit(shared: &Shared, id: u32, exit: VcpuExit) -> (Reason, Step) {
         VcpuExit::IoIn(port, data) => {
             io_in(shared, port, data);
             Step::Continue
+        }
+        VcpuExit::MmioRead(addr, data) if shared.ram.contains(addr, data.len()) => {
+            guest_memory_exit(shared, addr, data, false)
+        }
+        VcpuExit::MmioWrite(addr, data) if shared.ram.contains(addr, data.len()) => {
+            let mut buf = data.to_vec();
+            guest_memory_exit(shared, addr, &mut buf, true)
+        }
+        VcpuExit::MemoryFault { gpa, size, .. } => {
+            // KVM could not map these pages: resolve them, then re-enter.
+            let write = true;
+            resolve_range(shared, gpa, size.max(1), write).unwrap_or(Step::Continue)
         }
         VcpuExit::MmioRead(addr, data) => {
             warn!("vcpu {id}: read of {} bytes at unbacked address {addr:#x}", data.len());
@@ -145,6 +186,70 @@ fn io_in(shared: &Shared, port: u16, data: &mut [u8]) {
             data.fill(0xff);
         }
     }
+}
+
+/// Resolve the pages of `[gpa, gpa + len)` through the pager; Some(step)
+/// if that failed (an exception for the guest, or a VM stop).
+fn resolve_range(shared: &Shared, gpa: u64, len: u64, write: bool) -> Option<Step> {
+    let access = if write { Prot::WRITE } else { Prot::READ };
+    let mut page = gpa & !0xfff;
+    while page < gpa + len {
+        shared.delivery.events.fetch_add(1, Ordering::Relaxed);
+        match pager::fault(&shared.ram.map, page, access, FaultFlags::NONE) {
+            Ok(_) => {}
+            Err(error) if shared.ram.guest_visible(page, error) => {
+                shared.delivery.guest_errors.fetch_add(1, Ordering::Relaxed);
+                return Some(Step::Inject(GuestFault { gpa: gpa.max(page), write, tid: 0, error }));
+            }
+            Err(e) => {
+                return Some(Step::Stop(Outcome::Crash(format!("guest page {page:#x} could not be brought in: {e}"))))
+            }
+        }
+        page += 0x1000;
+    }
+    None
+}
+
+/// Exit delivery: an emulated guest access to an absent page of guest
+/// memory came back as MMIO. Resolve the page(s), then complete the access
+/// from/to the page through the pager (so KVM sees it done).
+fn guest_memory_exit(shared: &Shared, gpa: u64, data: &mut [u8], write: bool) -> Step {
+    if let Some(step) = resolve_range(shared, gpa, data.len() as u64, write) {
+        return step;
+    }
+    let r = if write { shared.ram.write(gpa, data) } else { shared.ram.read(gpa, data) };
+    match r {
+        Ok(()) => Step::Continue,
+        Err(e) => Step::Stop(Outcome::Crash(format!("cannot complete the guest access at {gpa:#x}: {e}"))),
+    }
+}
+
+/// Deliver a refused access (set by the fault handler) as a #PF.
+fn inject_pending(shared: &Shared, vcpu: &VcpuFd, id: u32) -> Step {
+    let Some(slot) = shared.vcpus.get(id as usize) else { return Step::Continue };
+    let Some(f) = slot.pending.lock().unwrap_or_else(|e| e.into_inner()).take() else { return Step::Continue };
+    match inject_page_fault(vcpu, f.gpa, f.write) {
+        Ok(()) => Step::Continue,
+        Err(e) => Step::Stop(Outcome::Crash(format!("cannot inject a page fault into vcpu {id}: {e}"))),
+    }
+}
+
+/// Raise #PF in the guest for an access to `gpa` the VM map refused. The
+/// guest sees the address in CR2 (guest-physical: vkvm does not know the
+/// virtual address; for an identity-mapped guest they are the same) and an
+/// error code with P=1 (a protection fault, not a missing page) and W, U set
+/// as the access was.
+pub fn inject_page_fault(vcpu: &VcpuFd, gpa: u64, write: bool) -> Result<(), kvm_ioctls::Error> {
+    let mut sregs = vcpu.get_sregs()?;
+    sregs.cr2 = gpa;
+    let user = sregs.cs.dpl == 3;
+    vcpu.set_sregs(&sregs)?;
+    let mut ev = vcpu.get_vcpu_events()?;
+    ev.exception.injected = 1;
+    ev.exception.nr = 14;
+    ev.exception.has_error_code = 1;
+    ev.exception.error_code = 1 | (u32::from(write) << 1) | (u32::from(user) << 2);
+    vcpu.set_vcpu_events(&ev)
 }
 
 fn dump_registers(vcpu: &VcpuFd) -> String {

@@ -5,7 +5,7 @@ use crate::boot;
 use crate::cli::{FaultDelivery, RunArgs};
 use crate::devices::Serial;
 use crate::error::Error;
-use crate::fault::DeliveryStats;
+use crate::fault::{DeliveryStats, GuestFault};
 use crate::guest_image;
 use crate::memory::{self, GuestRam, MemConfig};
 use crate::pmap::Delivery;
@@ -27,6 +27,8 @@ use vmm_sys_util::timerfd::TimerFd;
 
 /// RAM stays below the 32-bit MMIO hole.
 pub const MAX_MEMORY: u64 = 3 << 30;
+/// Mapped files must end below the local APIC, I/O APIC and firmware.
+pub const MAX_GPA: u64 = 0xF000_0000;
 
 /// How a VM ended.
 #[derive(Clone, Debug)]
@@ -35,10 +37,26 @@ pub enum Outcome {
     Crash(String),
 }
 
+/// What the fault handler needs to reach a vCPU thread.
+#[derive(Default)]
+pub struct VcpuSlot {
+    pub tid: std::sync::atomic::AtomicI32,
+    pub pending: Mutex<Option<GuestFault>>,
+}
+
+/// Real-time signal that kicks a vCPU out of KVM_RUN (its handler does nothing).
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN() + 1
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
 /// State the vCPU threads and the monitor share.
 pub struct Shared {
     pub ram: Arc<GuestRam>,
     pub delivery: Arc<DeliveryStats>,
+    /// Per vCPU: its thread and a refused access waiting to be injected.
+    pub vcpus: Vec<VcpuSlot>,
     pub serial: Serial,
     pub stats: Stats,
     pub tests: Mutex<Vec<TestResult>>,
@@ -64,6 +82,18 @@ impl Shared {
         // Wake-up only: the outcome is already recorded.
         let _ = self.exit_evt.write(1);
     }
+    /// Hand a refused guest access to the vCPU that made it and kick that
+    /// vCPU out of its fault wait; false if no vCPU has that thread id.
+    pub fn refuse(&self, f: GuestFault) -> bool {
+        let Some(slot) = self.vcpus.iter().find(|v| v.tid.load(Ordering::Relaxed) == f.tid as i32) else {
+            return false;
+        };
+        *slot.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+        // SAFETY: signalling one of our own threads; its handler does nothing.
+        unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), f.tid as libc::c_int, kick_signal()) };
+        true
+    }
+
     pub fn finished(&self) -> bool {
         self.outcome.lock().unwrap_or_else(|e| e.into_inner()).is_some()
     }
@@ -143,6 +173,8 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
     };
     boot::check_elf(&image, &what, args.memory)?;
     let kvm = open_kvm(&args.kvm_device)?;
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+        .map_err(|e| Error::Crash(format!("cannot install the vCPU kick signal handler: {e}")))?;
     let max_vcpus = kvm.get_max_vcpus() as u32;
     args.validate(max_vcpus)?;
     let started = Instant::now();
@@ -159,12 +191,14 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
     };
     let ram = Arc::new(GuestRam::new(&MemConfig {
         size: args.memory,
+        files: args.map_files.clone(),
         delivery,
         phys_mem: args.phys_mem,
         swap: args.swap.clone(),
     })?);
     register_memory(&vm, &ram)?;
-    let entry = boot::load_pvh(&ram, &image, &what, &args.cmdline)?;
+    let cmdline = [args.cmdline.as_str(), &ram.guest_cmdline()].join(" ").trim().to_string();
+    let entry = boot::load_pvh(&ram, &image, &what, &cmdline)?;
     if args.prefault {
         ram.prefault_all()?;
     }
@@ -201,6 +235,7 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
     let shared = Arc::new(Shared {
         ram: ram.clone(),
         delivery: Arc::new(DeliveryStats::default()),
+        vcpus: (0..args.vcpus).map(|_| VcpuSlot::default()).collect(),
         serial: Serial::new(Box::new(std::io::stdout())),
         stats: Stats::default(),
         tests: Mutex::new(Vec::new()),
@@ -225,7 +260,7 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
         let poll = args.uffd_poll;
         std::thread::Builder::new()
             .name("uffd".into())
-            .spawn(move || crate::fault::serve(r, d, stop, poll, |msg| s.finish(Outcome::Crash(msg))))
+            .spawn(move || crate::fault::serve(r, d, stop, poll, |msg| s.finish(Outcome::Crash(msg)), |f| s.refuse(f)))
             .map_err(Error::io("cannot start the userfaultfd thread"))?;
     }
     for (id, vcpu) in vcpus.into_iter().enumerate() {
@@ -238,6 +273,11 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
 
     let outcome = monitor(&shared, args.timeout)?;
     stop_faults.store(true, Ordering::Relaxed);
+    // Shared file mappings are written back before vkvm reports success.
+    let outcome = match (outcome, shared.ram.sync_files()) {
+        (Outcome::Exit(_), Err(e)) => Outcome::Crash(e.to_string()),
+        (o, _) => o,
+    };
     let done = Finished { outcome, shared, elapsed: started.elapsed() };
     info!("guest finished in {:.3} s with status {}", done.elapsed.as_secs_f64(), done.status());
     if let Some(p) = &args.stats_json {
@@ -250,16 +290,20 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
 }
 
 fn register_memory(vm: &VmFd, ram: &GuestRam) -> Result<(), Error> {
-    let r = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: ram.size,
-        userspace_addr: ram.view.host_addr(),
-    };
-    // SAFETY: the view stays mapped for as long as the VM exists (GuestRam
-    // lives in `Shared`, which outlives every vCPU).
-    unsafe { vm.set_user_memory_region(r) }.map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))
+    let regions = std::iter::once((0, ram.size)).chain(ram.files.iter().map(|r| (r.gpa, r.len)));
+    for (slot, (gpa, len)) in regions.enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: ram.view.host_addr() + gpa,
+        };
+        // SAFETY: the view stays mapped for as long as the VM exists (GuestRam
+        // lives in `Shared`, which outlives every vCPU).
+        unsafe { vm.set_user_memory_region(r) }.map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
 }
 
 /// Waits for the guest's exit event or the timeout.

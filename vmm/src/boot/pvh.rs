@@ -4,6 +4,7 @@
 
 use crate::error::Error;
 use crate::memory::GuestRam;
+use crate::pmap::Delivery;
 use kvm_bindings::{kvm_regs, kvm_segment};
 use kvm_ioctls::VcpuFd;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
@@ -132,6 +133,14 @@ pub fn load_pvh(ram: &GuestRam, image: &[u8], what: &str, cmdline: &str) -> Resu
     ];
     let segs = elf_segments(image).ok_or_else(|| Error::Config(format!("{what} has malformed program headers")))?;
     ranges.extend(segs.iter().map(|&(paddr, filesz, _)| (paddr, filesz)));
+    if ram.view.delivery() == Delivery::Exit {
+        // Natively run guest code (ring 3 here) cannot fault by exit: the
+        // image's own memory (stacks, .bss) must be present from the start.
+        for &(paddr, _, memsz) in &segs {
+            ram.populate(paddr, memsz)
+                .map_err(|e| Error::Crash(format!("cannot populate the image at {paddr:#x}: {e}")))?;
+        }
+    }
     for (start, len) in ranges {
         let mut buf = vec![0u8; len as usize];
         mem.read_slice(&mut buf, GuestAddress(start))
