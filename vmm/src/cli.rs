@@ -51,7 +51,7 @@ pub enum Command {
 
 #[derive(Args, Clone, Debug)]
 pub struct RunArgs {
-    /// A PVH ELF to boot instead of the bundled guest.
+    /// A kernel to boot instead of the bundled guest: a PVH ELF or a Multiboot v1 kernel.
     pub guest: Option<PathBuf>,
     /// Guest RAM: bytes, or with a K, M or G suffix; a multiple of 4 KiB, at most 3G.
     #[arg(short, long, default_value = "256M", value_parser = parse_size)]
@@ -68,7 +68,12 @@ pub struct RunArgs {
     /// Write exit counts, test results and statistics as JSON at exit.
     #[arg(long, value_name = "PATH")]
     pub stats_json: Option<PathBuf>,
-    /// How to enter the guest: auto (alias: direct) detects the protocol from the image.
+    /// A Multiboot module: a file and its string (default: the path);
+    /// repeatable, loaded page-aligned after the kernel in the order given.
+    #[arg(long, value_name = "PATH[,STRING]")]
+    pub module: Vec<String>,
+    /// How to enter the guest: auto (alias: direct) detects the protocol
+    /// from the image (a PVH note, then a Multiboot header).
     #[arg(long, value_enum, default_value_t = crate::boot::BootMode::Auto)]
     pub boot: crate::boot::BootMode,
     /// The KVM device to open.

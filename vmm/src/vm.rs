@@ -3,7 +3,7 @@
 
 use crate::boot;
 use crate::cli::RunArgs;
-use crate::devices::Serial;
+use crate::devices::{Pc, Serial};
 use crate::error::Error;
 use crate::guest_image;
 use crate::stats::{Stats, TestResult};
@@ -37,6 +37,8 @@ pub enum Outcome {
 pub struct Shared {
     pub mem: GuestMemoryMmap,
     pub serial: Serial,
+    /// fw_cfg, PCI configuration ports, debug-exit and shutdown ports.
+    pub pc: Pc,
     pub stats: Stats,
     pub tests: Mutex<Vec<TestResult>>,
     pub nr_vcpus: u32,
@@ -114,7 +116,7 @@ pub fn run(args: &RunArgs) -> Result<u8, Error> {
             "the bundled guest".to_string(),
         ),
     };
-    boot::check_elf(&image, &what, args.memory)?;
+    let plan = boot::prepare(&image, &what, args.boot, args.memory, &args.module)?;
     let kvm = open_kvm(&args.kvm_device)?;
     let max_vcpus = kvm.get_max_vcpus() as u32;
     args.validate(max_vcpus)?;
@@ -129,7 +131,8 @@ pub fn run(args: &RunArgs) -> Result<u8, Error> {
             ))
         })?;
     register_memory(&vm, &mem)?;
-    let entry = boot::load_pvh(&mem, &image, &what, &args.cmdline, args.memory)?;
+    create_irqchip(&vm)?;
+    let entry = boot::load(&plan, &mem, &image, &what, &args.cmdline, args.memory)?;
 
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -148,7 +151,7 @@ pub fn run(args: &RunArgs) -> Result<u8, Error> {
             }
         }
         vcpu.set_cpuid2(&c).map_err(Error::kvm("KVM_SET_CPUID2"))?;
-        boot::setup_vcpu(&vcpu, &entry)?;
+        boot::setup_vcpu(&vcpu, id, &entry)?;
         vcpus.push(vcpu);
     }
     let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0);
@@ -156,6 +159,7 @@ pub fn run(args: &RunArgs) -> Result<u8, Error> {
     let shared = Arc::new(Shared {
         mem,
         serial: Serial::new(Box::new(std::io::stdout())),
+        pc: Pc::new(args.vcpus, args.memory),
         stats: Stats::default(),
         tests: Mutex::new(Vec::new()),
         nr_vcpus: args.vcpus,
@@ -168,7 +172,7 @@ pub fn run(args: &RunArgs) -> Result<u8, Error> {
         "booting {what}: {} MiB, {} vcpu(s), entry {:#x}",
         args.memory >> 20,
         args.vcpus,
-        entry.pvh_entry
+        entry.address()
     );
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let s = shared.clone();
@@ -211,6 +215,20 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Error> {
         // GuestMemoryMmap lives in `Shared`, which outlives every vCPU).
         unsafe { vm.set_user_memory_region(r) }
             .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
+/// KVM's in-kernel PC interrupt controllers (LAPIC per vCPU, IOAPIC, PIC)
+/// and PIT, before any vCPU exists: the LAPIC is what lets a kernel start
+/// its APs by INIT/SIPI. Without a PIT nothing is lost but a timer a
+/// kernel might calibrate against, so its failure only warns.
+fn create_irqchip(vm: &VmFd) -> Result<(), Error> {
+    vm.create_irq_chip()
+        .map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_bindings::kvm_pit_config::default();
+    if let Err(e) = vm.create_pit2(pit) {
+        warn!("no in-kernel PIT (KVM_CREATE_PIT2: {e}); continuing without one");
     }
     Ok(())
 }

@@ -3,7 +3,6 @@
 //! protected mode at the PVH entry with `ebx` pointing at the start info.
 
 use crate::error::Error;
-use kvm_bindings::{kvm_regs, kvm_segment};
 use kvm_ioctls::VcpuFd;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
@@ -140,56 +139,10 @@ pub fn load_pvh(
     })
 }
 
-fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: 1,
-        s: 1,
-        l: 0,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
-}
-
-/// PVH entry state: 32-bit protected mode, paging off, flat segments.
+/// PVH entry state: 32-bit protected mode, paging off, flat segments,
+/// `ebx` = the start info.
 pub fn setup_vcpu(vcpu: &VcpuFd, entry: &Entry) -> Result<(), Error> {
-    let mut sregs = vcpu.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
-    sregs.cs = flat_segment(0x08, 0xb);
-    let data = flat_segment(0x10, 0x3);
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = kvm_segment {
-        limit: 0x67,
-        type_: 0xb,
-        present: 1,
-        s: 0,
-        db: 0,
-        g: 0,
-        ..data
-    };
-    sregs.cr0 = 0x11; // PE | ET
-    sregs.cr4 = 0;
-    sregs.efer = 0;
-    vcpu.set_sregs(&sregs)
-        .map_err(Error::kvm("KVM_SET_SREGS"))?;
-    let regs = kvm_regs {
-        rip: entry.pvh_entry,
-        rbx: entry.start_info,
-        rflags: 2,
-        ..Default::default()
-    };
-    vcpu.set_regs(&regs).map_err(Error::kvm("KVM_SET_REGS"))?;
-    Ok(())
+    super::enter_protected_mode(vcpu, entry.pvh_entry, 0, entry.start_info)
 }
 
 #[cfg(test)]
