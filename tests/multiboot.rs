@@ -247,3 +247,160 @@ fn elf_with_neither_protocol_is_refused() {
     img[at] = 0;
     refused(&img, &[], "no Multiboot header");
 }
+
+/// `vkvm guest --format multiboot`: the bundled guest as an ELF32.
+fn multiboot_guest(dir: &Path) -> PathBuf {
+    let p = dir.join("guest32.elf");
+    let st = std::process::Command::new(VKVM)
+        .args(["guest", "--format", "multiboot", "--output"])
+        .arg(&p)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    p
+}
+
+fn counter(t: &serde_json::Value, k: &str) -> u64 {
+    t[k].as_u64()
+        .unwrap_or_else(|| panic!("no counter {k} in {t}"))
+}
+
+#[test]
+fn guest_multiboot_image_is_elf32_with_header_in_first_8k() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = std::fs::read(multiboot_guest(dir.path())).unwrap();
+    assert_eq!(&b[..5], b"\x7fELF\x01", "ELF32");
+    assert_eq!(u16::from_le_bytes([b[18], b[19]]), 3, "EM_386");
+    let at = b
+        .windows(4)
+        .position(|w| w == MB_MAGIC.to_le_bytes())
+        .expect("Multiboot header");
+    assert!(at < 8192 && at % 4 == 0, "header at {at:#x}");
+}
+
+#[test]
+fn bundled_guest_boots_by_multiboot_and_starts_its_ap_by_init_sipi() {
+    need_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let g = multiboot_guest(dir.path());
+    let m = write(dir.path(), "env", b"NR_CPUS=2\n");
+    for vcpus in [1u64, 2] {
+        let n = vcpus.to_string();
+        let r = run(&[
+            s(&g),
+            "--vcpus",
+            &n,
+            "--cmdline",
+            "tests=selfcheck,fw-cfg",
+            "--module",
+            s(&m),
+        ]);
+        let out = r.stdout();
+        assert_eq!(r.status(), 0, "{out}\n{}", r.stderr());
+        assert!(out.contains("via multiboot, 1 module(s)"), "{out}");
+        assert!(out.contains(&format!("{vcpus} cpu(s)")), "{out}");
+        let tests = r.tests();
+        let mut cpus: Vec<u64> = tests
+            .iter()
+            .filter(|t| t["name"] == "selfcheck")
+            .map(|t| counter(t, "cpu"))
+            .collect();
+        cpus.sort();
+        assert_eq!(cpus, (0..vcpus).collect::<Vec<_>>(), "{tests:?}");
+        let f = tests.iter().find(|t| t["name"] == "fw-cfg").unwrap();
+        assert_eq!(f["status"], "pass", "{f}");
+        assert_eq!(counter(f, "signature_ok"), 1);
+        assert_eq!(counter(f, "nb_cpus"), vcpus);
+        assert_eq!(counter(f, "max_cpus"), vcpus);
+        assert_eq!(counter(f, "ram_mib"), 256);
+        assert_eq!(counter(f, "files"), 0);
+        assert_eq!(counter(f, "unknown_key"), 0);
+        assert_eq!(counter(f, "id"), 1);
+    }
+}
+
+#[test]
+fn forced_multiboot_reports_guest_failures_and_elf64_has_no_live_header() {
+    need_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let g = multiboot_guest(dir.path());
+    let r = run(&[
+        s(&g),
+        "--boot",
+        "multiboot",
+        "--memory",
+        "64M",
+        "--cmdline",
+        "tests=selfcheck inject=selfcheck",
+    ]);
+    assert_eq!(r.status(), 1, "{}\n{}", r.stdout(), r.stderr());
+    assert!(r.stdout().contains("via multiboot"), "{}", r.stdout());
+    assert!(
+        r.stdout().contains(", 63 MiB RAM") || r.stdout().contains(", 64 MiB RAM"),
+        "{}",
+        r.stdout()
+    );
+    // The ELF64 keeps its header dormant (QEMU would refuse a Multiboot ELF64).
+    let r = run(&["--boot", "multiboot"]);
+    assert_one_line_error(&r, 2, "no Multiboot header");
+}
+
+fn qemu_usable() -> bool {
+    let ok = std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !ok {
+        assert!(
+            std::env::var("VKVM_REQUIRE_QEMU").as_deref() != Ok("1"),
+            "VKVM_REQUIRE_QEMU=1 but qemu-system-x86_64 is not installed"
+        );
+        eprintln!("skipping: qemu-system-x86_64 is not installed");
+    }
+    ok
+}
+
+#[test]
+fn same_multiboot_guest_boots_under_qemu_pc_on_1_and_2_cpus() {
+    if !qemu_usable() {
+        return;
+    }
+    need_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let g = multiboot_guest(dir.path());
+    for cpus in [1u64, 2] {
+        let out = std::process::Command::new("timeout")
+            .args(["120", "qemu-system-x86_64", "-accel", "kvm", "-m", "256"])
+            .args(["-smp", &cpus.to_string(), "-nographic", "-no-reboot"])
+            .arg("-kernel")
+            .arg(&g)
+            .args([
+                "-device",
+                "isa-debug-exit,iobase=0xf4,iosize=0x04",
+                "-append",
+                "tests=selfcheck,fw-cfg",
+            ])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(stdout.contains("on another VMM"), "{stdout}\n{err}");
+        assert!(stdout.contains("via multiboot"), "{stdout}");
+        assert!(stdout.contains(&format!("{cpus} cpu(s)")), "{stdout}");
+        for c in 0..cpus {
+            assert!(
+                stdout.contains(&format!("test selfcheck cpu {c}: pass")),
+                "{stdout}"
+            );
+        }
+        assert!(
+            stdout.contains(&format!(
+                "test fw-cfg cpu 0: pass signature_ok=1 id=3 nb_cpus={cpus} max_cpus={cpus} ram_mib=256"
+            )),
+            "{stdout}"
+        );
+        assert!(stdout.contains("guest: all tests passed"), "{stdout}");
+        // isa-debug-exit: status 0 from the guest becomes (0 << 1) | 1.
+        assert_eq!(out.status.code(), Some(1), "{stdout}\n{err}");
+    }
+}

@@ -29,6 +29,9 @@ static START_INFO: AtomicU64 = AtomicU64::new(0);
 extern "C" fn kmain(start_info: u64, cpu: u64) -> ! {
     if cpu == 0 {
         START_INFO.store(start_info, Ordering::Relaxed);
+        if boot::booted_by_multiboot() {
+            boot::start_aps();
+        }
     }
     arch::init_and_enter_user(cpu as usize, user_entry)
 }

@@ -46,6 +46,9 @@ pub enum Command {
         /// Where to write the ELF.
         #[arg(short, long)]
         output: PathBuf,
+        /// pvh: the ELF64 with a PVH note; multiboot: the ELF32 for Multiboot loaders.
+        #[arg(long, value_enum, default_value_t = crate::guest_image::Format::Pvh)]
+        format: crate::guest_image::Format,
     },
 }
 

@@ -26,7 +26,7 @@ fn main() -> ExitCode {
         .init();
     let status = match cli.command {
         cli::Command::Run(args) => vm::run(&args),
-        cli::Command::Guest { output } => guest_image::write(&output).map(|()| 0),
+        cli::Command::Guest { output, format } => guest_image::write(&output, format).map(|()| 0),
     };
     match status {
         Ok(s) => ExitCode::from(s),

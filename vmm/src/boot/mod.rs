@@ -72,8 +72,12 @@ pub fn prepare(
     mem_size: u64,
     modules: &[String],
 ) -> Result<Plan, Error> {
+    // vkvm boots PVH kernels that are ELF64 (linux-loader's ELF loader); an
+    // ELF32 that carries both a PVH note and a Multiboot header (our guest
+    // converted by objcopy, for one) boots by Multiboot.
+    let elf64 = matches!(elf::parse(image), Some(e) if e.class == elf::Class::Elf64);
     let mode = match mode {
-        BootMode::Auto if elf::has_pvh_note(image) => BootMode::Pvh,
+        BootMode::Auto if elf::has_pvh_note(image) && elf64 => BootMode::Pvh,
         BootMode::Auto if multiboot::find_header(image).is_some() => BootMode::Multiboot,
         BootMode::Auto => {
             // Not an ELF at all, or an ELF64 too big for --memory, get
