@@ -459,4 +459,74 @@ mod test {
         }];
         assert!(prepare(&aout(0, 4096), "k", 4 << 20, big).is_err());
     }
+
+    /// A one-segment ELF32 with the header after the program header.
+    fn elf32(flags: u32) -> Vec<u8> {
+        let mut f = b"\x7fELF\x01\x01\x01\0\0\0\0\0\0\0\0\0".to_vec();
+        f.extend_from_slice(&[2, 0, 3, 0]);
+        for v in [1u32, 0x10_0054, 52, 0, 0] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+        for v in [52u16, 32, 1, 40, 0, 0] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+        for v in [1u32, 0, 0x10_0000, 0x10_0000, 128, 0x2000, 7, 4096] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+        for v in [
+            HEADER_MAGIC,
+            flags,
+            0u32.wrapping_sub(HEADER_MAGIC).wrapping_sub(flags),
+        ] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+        f.resize(128, 0x90);
+        f
+    }
+
+    /// Random corruption of good kernels (checksum kept valid half of the
+    /// time so the loader's later checks are reached) never panics, and
+    /// whatever passes the checks loads.
+    #[test]
+    fn mutated_kernels_never_panic() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut loaded = 0;
+        for i in 0..20_000u64 {
+            let mut img = if i % 2 == 0 { aout(0, 256) } else { elf32(2) };
+            for _ in 0..1 + i % 6 {
+                let r = next();
+                let at = (r >> 16) as usize % img.len();
+                img[at] = r as u8;
+            }
+            if i % 4 < 2 {
+                if let Some(o) = find_header(&img) {
+                    let f = u32_at(&img, o + 4).unwrap_or(0);
+                    if o + 12 <= img.len() {
+                        let sum = 0u32.wrapping_sub(HEADER_MAGIC).wrapping_sub(f);
+                        img[o + 8..o + 12].copy_from_slice(&sum.to_le_bytes());
+                    }
+                }
+            }
+            if i % 7 == 0 {
+                img.truncate(next() as usize % img.len());
+            }
+            let _ = elf::has_pvh_note(&img);
+            let mods = vec![Module {
+                string: "m".into(),
+                data: vec![1; 100],
+            }];
+            if let Ok(k) = prepare(&img, "k", 8 << 20, mods) {
+                load(&k, &mem, &img, "c", 8 << 20).unwrap();
+                loaded += 1;
+            }
+        }
+        assert!(loaded > 100, "only {loaded} kernels loaded");
+    }
 }
