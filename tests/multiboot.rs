@@ -341,8 +341,14 @@ fn forced_multiboot_reports_guest_failures_and_elf64_has_no_live_header() {
         r.stdout()
     );
     // The ELF64 keeps its header dormant (QEMU would refuse a Multiboot ELF64).
-    let r = run(&["--boot", "multiboot"]);
+    let g64 = bundled_guest(dir.path());
+    let r = run(&[s(&g64), "--boot", "multiboot"]);
     assert_one_line_error(&r, 2, "no Multiboot header");
+    // Without a kernel, --boot multiboot boots the bundled ELF32.
+    let r = run(&["--boot", "multiboot", "--vcpus", "2"]);
+    assert_eq!(r.status(), 0, "{}\n{}", r.stdout(), r.stderr());
+    assert!(r.stdout().contains("via multiboot"), "{}", r.stdout());
+    assert!(r.stdout().contains("cpu 1 (apic id"), "{}", r.stdout());
 }
 
 fn qemu_usable() -> bool {

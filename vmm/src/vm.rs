@@ -111,6 +111,11 @@ pub fn run(args: &RunArgs) -> Result<u8, Error> {
                 .map_err(|e| Error::Config(format!("cannot read guest {}: {e}", p.display())))?,
             p.display().to_string(),
         ),
+        // `--boot multiboot` without a kernel: the bundled guest's ELF32.
+        None if args.boot == boot::BootMode::Multiboot => (
+            guest_image::BUNDLED32.to_vec(),
+            "the bundled guest (ELF32)".to_string(),
+        ),
         None => (
             guest_image::BUNDLED.to_vec(),
             "the bundled guest".to_string(),

@@ -317,22 +317,13 @@ pub fn load(
     cmdline: &str,
     mem_size: u64,
 ) -> Result<(u32, u32), Error> {
+    // The bss (memsz beyond filesz) is not written: guest RAM is created
+    // zero-filled, and nothing else is put between 1 MiB and the end of the
+    // kernel (boot data lives below 1 MiB, modules after the kernel).
+    // Writing zeros would only make a demand-paged RAM allocate the pages.
     for s in &k.segments {
-        put(
-            mem,
-            &image[s.offset..s.offset + s.filesz],
-            s.paddr,
-            "kernel",
-        )?;
-        // Guest RAM starts zeroed, but a loader must not rely on it for bss.
-        let zeros = vec![0u8; 1 << 16];
-        let mut a = s.paddr + s.filesz as u64;
-        let end = s.paddr + s.memsz;
-        while a < end {
-            let n = (end - a).min(zeros.len() as u64) as usize;
-            put(mem, &zeros[..n], a, "kernel bss")?;
-            a += n as u64;
-        }
+        let bytes = &image[s.offset..s.offset + s.filesz];
+        put(mem, bytes, s.paddr, "kernel")?;
     }
 
     let mut c = cmdline.as_bytes().to_vec();
