@@ -9,7 +9,7 @@ use std::path::PathBuf;
     name = "vkvm",
     version,
     about = "A KVM VMM whose guest memory is run like the BSD VM system",
-    long_about = "vkvm boots a tiny guest kernel (bundled, or any PVH ELF) on KVM.\n\n\
+    long_about = "vkvm boots a tiny guest kernel (bundled, any PVH ELF, or a Multiboot v1 kernel) on KVM.\n\n\
 Exit status: the guest's own status (0 pass, 1 a test failed), 2 usage or configuration error, 3 VMM or guest crash."
 )]
 pub struct Cli {

@@ -14,6 +14,7 @@ pub fn run(shared: Arc<Shared>, mut vcpu: VcpuFd, id: u32) {
     while !shared.finished() {
         let action = match vcpu.run() {
             Ok(exit) => handle_exit(&shared, id, exit),
+            // EAGAIN: KVM returns it once when an AP leaves wait-for-SIPI.
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 shared.stats.exits.count(Reason::Interrupted);
                 Step::Continue

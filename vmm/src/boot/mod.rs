@@ -9,7 +9,9 @@ pub mod multiboot;
 pub mod pvh;
 
 use crate::error::Error;
-use kvm_bindings::{kvm_mp_state, kvm_regs, kvm_segment, KVM_MP_STATE_RUNNABLE};
+use kvm_bindings::{
+    kvm_mp_state, kvm_regs, kvm_segment, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED,
+};
 use kvm_ioctls::VcpuFd;
 use std::path::Path;
 use vm_memory::GuestMemoryMmap;
@@ -163,8 +165,16 @@ pub fn setup_vcpu(vcpu: &VcpuFd, id: u32, entry: &Entry) -> Result<(), Error> {
             multiboot::BOOT_MAGIC as u64,
             *mbi as u64,
         ),
-        // APs keep KVM's reset state: waiting for INIT/SIPI.
-        Entry::Multiboot { .. } => Ok(()),
+        // APs wait for INIT/SIPI. That is KVM's reset state for an AP with
+        // the in-kernel LAPIC already; set it anyway so that it does not
+        // depend on how KVM picks the BSP.
+        Entry::Multiboot { .. } => {
+            let st = kvm_mp_state {
+                mp_state: KVM_MP_STATE_UNINITIALIZED,
+            };
+            vcpu.set_mp_state(st)
+                .map_err(Error::kvm("KVM_SET_MP_STATE"))
+        }
     }
 }
 
