@@ -106,6 +106,7 @@ fn multiboot_kernel_is_detected_and_gets_cmdline_modules_and_devices() {
     let one = format!("{},env-file", s(&m1));
     let r = run(&[
         s(&k),
+        "-v",
         "--memory",
         "64M",
         "--cmdline",
@@ -122,6 +123,11 @@ fn multiboot_kernel_is_detected_and_gets_cmdline_modules_and_devices() {
     assert!(out.contains(&format!("{}=second\n", s(&m2))), "{out}");
     assert!(out.contains("QEMU\n"), "fw_cfg signature: {out}");
     assert!(r.stderr().contains("debug-exit"), "{}", r.stderr());
+    assert!(
+        r.stderr().contains("by Multiboot"),
+        "detected: {}",
+        r.stderr()
+    );
     // The read of port 0x1234 (PCI ports and fw_cfg are claimed).
     assert_eq!(r.stats()["unhandled_pio"], 1, "{}", r.stats());
 }
@@ -132,8 +138,9 @@ fn forced_multiboot_with_two_vcpus_reports_them_through_fw_cfg() {
     let dir = tempfile::tempdir().unwrap();
     let k = write(dir.path(), "mb.elf", &good_kernel());
     // The AP waits for INIT/SIPI, which this kernel never sends.
-    let r = run(&[s(&k), "--boot", "multiboot", "--vcpus", "2"]);
+    let r = run(&[s(&k), "--boot", "multiboot", "--vcpus", "2", "-v"]);
     assert_eq!(r.status(), 42, "{}\n{}", r.stdout(), r.stderr());
+    assert!(r.stderr().contains("by Multiboot"), "{}", r.stderr());
 }
 
 #[test]
@@ -409,4 +416,14 @@ fn same_multiboot_guest_boots_under_qemu_pc_on_1_and_2_cpus() {
         // isa-debug-exit: status 0 from the guest becomes (0 << 1) | 1.
         assert_eq!(out.status.code(), Some(1), "{stdout}\n{err}");
     }
+}
+
+#[test]
+fn elf64_with_pvh_note_is_detected_as_pvh_first() {
+    need_kvm!();
+    // The bundled ELF64 has a PVH note and a (dormant) Multiboot header.
+    let r = run(&["-v", "--memory", "64M"]);
+    assert_eq!(r.status(), 0, "{}\n{}", r.stdout(), r.stderr());
+    assert!(r.stderr().contains("by PVH"), "{}", r.stderr());
+    assert!(!r.stdout().contains("via multiboot"), "{}", r.stdout());
 }

@@ -174,7 +174,8 @@ pub fn run(args: &RunArgs) -> Result<u8, Error> {
         exit_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::io("eventfd"))?,
     });
     info!(
-        "booting {what}: {} MiB, {} vcpu(s), entry {:#x}",
+        "booting {what} by {}: {} MiB, {} vcpu(s), entry {:#x}",
+        entry.protocol(),
         args.memory >> 20,
         args.vcpus,
         entry.address()

@@ -133,6 +133,13 @@ pub fn load(
 }
 
 impl Entry {
+    /// The protocol's name, for the log.
+    pub fn protocol(&self) -> &'static str {
+        match self {
+            Entry::Pvh(_) => "PVH",
+            Entry::Multiboot { .. } => "Multiboot",
+        }
+    }
     /// The entry address, for the log.
     pub fn address(&self) -> u64 {
         match self {
