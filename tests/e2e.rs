@@ -33,11 +33,7 @@ fn injected_failure_names_the_address_and_exits_1() {
     need_kvm!();
     let r = run(&["--cmdline", "tests=selfcheck inject=selfcheck seed=7"]);
     assert_eq!(r.status(), 1, "{}", r.stdout());
-    assert!(
-        r.stdout().contains("first wrong address 0x"),
-        "{}",
-        r.stdout()
-    );
+    assert!(r.stdout().contains("first wrong address 0x"), "{}", r.stdout());
     let t = &r.tests()[0];
     assert_eq!(t["status"], "fail");
     assert!(t["detail"].as_str().unwrap().contains("expected 0x"), "{t}");
@@ -49,17 +45,10 @@ fn two_vcpus_each_run_a_ring3_task_and_report() {
     let r = run(&["--vcpus", "2"]);
     assert_eq!(r.status(), 0, "{}\n{}", r.stdout(), r.stderr());
     assert!(r.stdout().contains("cpu 1 (apic id"), "{}", r.stdout());
-    let mut cpus: Vec<u64> = r
-        .tests()
-        .iter()
-        .map(|t| t["cpu"].as_u64().unwrap())
-        .collect();
+    let mut cpus: Vec<u64> = r.tests().iter().map(|t| t["cpu"].as_u64().unwrap()).collect();
     cpus.sort();
     assert_eq!(cpus, vec![0, 1]);
-    assert!(r
-        .tests()
-        .iter()
-        .all(|t| t["status"] == "pass" && t["bytes"] == 32 << 20));
+    assert!(r.tests().iter().all(|t| t["status"] == "pass" && t["bytes"] == 32 << 20));
 }
 
 #[test]
@@ -67,11 +56,7 @@ fn memory_option_sizes_the_guest() {
     need_kvm!();
     let r = run(&["--memory", "64M"]);
     assert_eq!(r.status(), 0, "{}", r.stderr());
-    assert!(
-        r.stdout().contains(", 63 MiB RAM") || r.stdout().contains(", 64 MiB RAM"),
-        "{}",
-        r.stdout()
-    );
+    assert!(r.stdout().contains(", 63 MiB RAM") || r.stdout().contains(", 64 MiB RAM"), "{}", r.stdout());
 }
 
 #[test]
@@ -100,11 +85,7 @@ fn unknown_test_is_reported_by_the_guest_with_status_2() {
     need_kvm!();
     let r = run(&["--cmdline", "tests=selfcheck,no-such-test"]);
     assert_eq!(r.status(), 2);
-    assert!(
-        r.stdout().contains("unknown test 'no-such-test'"),
-        "{}",
-        r.stdout()
-    );
+    assert!(r.stdout().contains("unknown test 'no-such-test'"), "{}", r.stdout());
 }
 
 #[test]
@@ -112,11 +93,7 @@ fn guest_exception_is_a_crash_with_status_3() {
     need_kvm!();
     let r = run(&["--cmdline", "tests=crash"]);
     assert_eq!(r.status(), 3);
-    assert!(
-        r.stdout().contains("guest exception: vector 14"),
-        "{}",
-        r.stdout()
-    );
+    assert!(r.stdout().contains("guest exception: vector 14"), "{}", r.stdout());
 }
 
 #[test]
@@ -124,11 +101,7 @@ fn triple_fault_prints_registers_and_exits_3() {
     need_kvm!();
     let r = run(&["--cmdline", "tests=triple-fault"]);
     assert_one_line_error(&r, 3, "guest triple fault");
-    assert!(
-        r.stderr().contains("rip=0x") && r.stderr().contains("cr3="),
-        "{}",
-        r.stderr()
-    );
+    assert!(r.stderr().contains("rip=0x") && r.stderr().contains("cr3="), "{}", r.stderr());
     assert_eq!(r.stats()["exits"]["shutdown"], 1);
 }
 
@@ -189,10 +162,7 @@ fn elf_without_pvh_note_is_refused() {
     let p = bundled_guest(dir.path());
     let mut bytes = std::fs::read(&p).unwrap();
     let note: &[u8] = &[4, 0, 0, 0, 4, 0, 0, 0, 18, 0, 0, 0, b'X', b'e', b'n', 0];
-    let at = bytes
-        .windows(note.len())
-        .position(|w| w == note)
-        .expect("PVH note in the bundled guest");
+    let at = bytes.windows(note.len()).position(|w| w == note).expect("PVH note in the bundled guest");
     bytes[at + 8] = 17;
     std::fs::write(&p, &bytes).unwrap();
     let r = run(&[p.to_str().unwrap()]);
@@ -220,11 +190,7 @@ fn bad_vcpu_counts_are_refused() {
 
 #[test]
 fn same_guest_boots_under_qemu() {
-    if Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
+    if Command::new("qemu-system-x86_64").arg("--version").output().is_err() {
         assert!(
             std::env::var("VKVM_REQUIRE_QEMU").as_deref() != Ok("1"),
             "VKVM_REQUIRE_QEMU=1 but qemu-system-x86_64 is not installed"
@@ -236,32 +202,14 @@ fn same_guest_boots_under_qemu() {
     let dir = tempfile::tempdir().unwrap();
     let p = bundled_guest(dir.path());
     let out = Command::new("timeout")
-        .args([
-            "120",
-            "qemu-system-x86_64",
-            "-M",
-            "microvm,x-option-roms=off,rtc=off",
-            "-accel",
-            "kvm",
-            "-m",
-            "256",
-        ])
+        .args(["120", "qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off", "-accel", "kvm", "-m", "256"])
         .args(["-nographic", "-no-reboot", "-kernel"])
         .arg(&p)
-        .args([
-            "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=0x04",
-            "-append",
-            "tests=selfcheck",
-        ])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-append", "tests=selfcheck"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("on another VMM"),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(stdout.contains("on another VMM"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("test selfcheck cpu 0: pass"), "{stdout}");
     // isa-debug-exit: status 0 from the guest becomes (0 << 1) | 1.
     assert_eq!(out.status.code(), Some(1));

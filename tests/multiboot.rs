@@ -27,24 +27,22 @@ const LOAD: u32 = 0x10_0000;
 /// - exits through port 0xf4 with 40 + fw_cfg NB_CPUS (99 on any failure).
 ///   The serial output polls LSR for "transmitter empty".
 const KERNEL_CODE: &[u8] = &[
-    0xbc, 0xf0, 0x2f, 0x10, 0x00, 0x3d, 0x02, 0xb0, 0xad, 0x2b, 0x0f, 0x85, 0xd9, 0x00, 0x00, 0x00,
-    0x89, 0xdd, 0xf6, 0x45, 0x00, 0x04, 0x0f, 0x84, 0xcd, 0x00, 0x00, 0x00, 0x8b, 0x75, 0x10, 0x80,
-    0x3e, 0x53, 0x0f, 0x84, 0xcc, 0x00, 0x00, 0x00, 0xe8, 0xd3, 0x00, 0x00, 0x00, 0xb0, 0x0a, 0xe8,
-    0xd9, 0x00, 0x00, 0x00, 0x8b, 0x4d, 0x14, 0x8b, 0x7d, 0x18, 0x85, 0xc9, 0x74, 0x2d, 0x8b, 0x77,
-    0x08, 0xe8, 0xba, 0x00, 0x00, 0x00, 0xb0, 0x3d, 0xe8, 0xc0, 0x00, 0x00, 0x00, 0x8b, 0x37, 0x8b,
-    0x5f, 0x04, 0x39, 0xde, 0x73, 0x08, 0xac, 0xe8, 0xb1, 0x00, 0x00, 0x00, 0xeb, 0xf4, 0xb0, 0x0a,
-    0xe8, 0xa8, 0x00, 0x00, 0x00, 0x83, 0xc7, 0x10, 0x49, 0xeb, 0xcf, 0x66, 0xba, 0xf8, 0x0c, 0xb8,
-    0x00, 0x00, 0x00, 0x80, 0xef, 0x66, 0xba, 0xfc, 0x0c, 0xed, 0x83, 0xf8, 0xff, 0x75, 0x6a, 0x66,
-    0xba, 0x34, 0x12, 0xec, 0x3c, 0xff, 0x75, 0x61, 0x66, 0xba, 0x10, 0x05, 0x31, 0xc0, 0x66, 0xef,
-    0xb9, 0x04, 0x00, 0x00, 0x00, 0x66, 0xba, 0x11, 0x05, 0xec, 0xe8, 0x6e, 0x00, 0x00, 0x00, 0xe2,
-    0xf4, 0xb0, 0x0a, 0xe8, 0x65, 0x00, 0x00, 0x00, 0x66, 0xba, 0x10, 0x05, 0xb8, 0x03, 0x00, 0x00,
-    0x00, 0x66, 0xef, 0x66, 0xba, 0x11, 0x05, 0xb9, 0x04, 0x00, 0x00, 0x00, 0xec, 0xc1, 0xc8, 0x08,
-    0xe2, 0xfa, 0x8b, 0x5d, 0x08, 0xc1, 0xe3, 0x0a, 0x81, 0xc3, 0x00, 0x00, 0x10, 0x00, 0x39, 0xd8,
-    0x75, 0x17, 0x66, 0xba, 0x10, 0x05, 0xb8, 0x05, 0x00, 0x00, 0x00, 0x66, 0xef, 0x66, 0xba, 0x11,
-    0x05, 0x31, 0xc0, 0xec, 0x83, 0xc0, 0x28, 0xeb, 0x05, 0xb8, 0x63, 0x00, 0x00, 0x00, 0x66, 0xba,
-    0xf4, 0x00, 0xef, 0xf4, 0x66, 0xba, 0x00, 0x89, 0xac, 0x84, 0xc0, 0x74, 0xec, 0xee, 0xeb, 0xf8,
-    0xac, 0x84, 0xc0, 0x74, 0x07, 0xe8, 0x03, 0x00, 0x00, 0x00, 0xeb, 0xf4, 0xc3, 0x52, 0x50, 0x66,
-    0xba, 0xfd, 0x03, 0xec, 0xa8, 0x20, 0x74, 0xfb, 0x58, 0x66, 0xba, 0xf8, 0x03, 0xee, 0x5a, 0xc3,
+    0xbc, 0xf0, 0x2f, 0x10, 0x00, 0x3d, 0x02, 0xb0, 0xad, 0x2b, 0x0f, 0x85, 0xd9, 0x00, 0x00, 0x00, 0x89, 0xdd, 0xf6,
+    0x45, 0x00, 0x04, 0x0f, 0x84, 0xcd, 0x00, 0x00, 0x00, 0x8b, 0x75, 0x10, 0x80, 0x3e, 0x53, 0x0f, 0x84, 0xcc, 0x00,
+    0x00, 0x00, 0xe8, 0xd3, 0x00, 0x00, 0x00, 0xb0, 0x0a, 0xe8, 0xd9, 0x00, 0x00, 0x00, 0x8b, 0x4d, 0x14, 0x8b, 0x7d,
+    0x18, 0x85, 0xc9, 0x74, 0x2d, 0x8b, 0x77, 0x08, 0xe8, 0xba, 0x00, 0x00, 0x00, 0xb0, 0x3d, 0xe8, 0xc0, 0x00, 0x00,
+    0x00, 0x8b, 0x37, 0x8b, 0x5f, 0x04, 0x39, 0xde, 0x73, 0x08, 0xac, 0xe8, 0xb1, 0x00, 0x00, 0x00, 0xeb, 0xf4, 0xb0,
+    0x0a, 0xe8, 0xa8, 0x00, 0x00, 0x00, 0x83, 0xc7, 0x10, 0x49, 0xeb, 0xcf, 0x66, 0xba, 0xf8, 0x0c, 0xb8, 0x00, 0x00,
+    0x00, 0x80, 0xef, 0x66, 0xba, 0xfc, 0x0c, 0xed, 0x83, 0xf8, 0xff, 0x75, 0x6a, 0x66, 0xba, 0x34, 0x12, 0xec, 0x3c,
+    0xff, 0x75, 0x61, 0x66, 0xba, 0x10, 0x05, 0x31, 0xc0, 0x66, 0xef, 0xb9, 0x04, 0x00, 0x00, 0x00, 0x66, 0xba, 0x11,
+    0x05, 0xec, 0xe8, 0x6e, 0x00, 0x00, 0x00, 0xe2, 0xf4, 0xb0, 0x0a, 0xe8, 0x65, 0x00, 0x00, 0x00, 0x66, 0xba, 0x10,
+    0x05, 0xb8, 0x03, 0x00, 0x00, 0x00, 0x66, 0xef, 0x66, 0xba, 0x11, 0x05, 0xb9, 0x04, 0x00, 0x00, 0x00, 0xec, 0xc1,
+    0xc8, 0x08, 0xe2, 0xfa, 0x8b, 0x5d, 0x08, 0xc1, 0xe3, 0x0a, 0x81, 0xc3, 0x00, 0x00, 0x10, 0x00, 0x39, 0xd8, 0x75,
+    0x17, 0x66, 0xba, 0x10, 0x05, 0xb8, 0x05, 0x00, 0x00, 0x00, 0x66, 0xef, 0x66, 0xba, 0x11, 0x05, 0x31, 0xc0, 0xec,
+    0x83, 0xc0, 0x28, 0xeb, 0x05, 0xb8, 0x63, 0x00, 0x00, 0x00, 0x66, 0xba, 0xf4, 0x00, 0xef, 0xf4, 0x66, 0xba, 0x00,
+    0x89, 0xac, 0x84, 0xc0, 0x74, 0xec, 0xee, 0xeb, 0xf8, 0xac, 0x84, 0xc0, 0x74, 0x07, 0xe8, 0x03, 0x00, 0x00, 0x00,
+    0xeb, 0xf4, 0xc3, 0x52, 0x50, 0x66, 0xba, 0xfd, 0x03, 0xec, 0xa8, 0x20, 0x74, 0xfb, 0x58, 0x66, 0xba, 0xf8, 0x03,
+    0xee, 0x5a, 0xc3,
 ];
 
 /// An ELF32 file: program headers `[paddr, offset, filesz, memsz]`, then
@@ -69,10 +67,7 @@ fn elf32(phdrs: &[[u32; 4]], flags: u32, bad_sum: u32, entry: u32, code: &[u8]) 
         }
     }
     assert_eq!(f.len() as u32, mb);
-    let sum = 0u32
-        .wrapping_sub(MB_MAGIC)
-        .wrapping_sub(flags)
-        .wrapping_add(bad_sum);
+    let sum = 0u32.wrapping_sub(MB_MAGIC).wrapping_sub(flags).wrapping_add(bad_sum);
     for v in [MB_MAGIC, flags, sum] {
         f.extend_from_slice(&v.to_le_bytes());
     }
@@ -104,18 +99,8 @@ fn multiboot_kernel_is_detected_and_gets_cmdline_modules_and_devices() {
     let m1 = write(dir.path(), "one", b"first module");
     let m2 = write(dir.path(), "two", b"second");
     let one = format!("{},env-file", s(&m1));
-    let r = run(&[
-        s(&k),
-        "-v",
-        "--memory",
-        "64M",
-        "--cmdline",
-        "hello multiboot",
-        "--module",
-        &one,
-        "--module",
-        s(&m2),
-    ]);
+    let r =
+        run(&[s(&k), "-v", "--memory", "64M", "--cmdline", "hello multiboot", "--module", &one, "--module", s(&m2)]);
     let out = r.stdout();
     assert_eq!(r.status(), 41, "{out}\n{}", r.stderr());
     assert!(out.contains("hello multiboot\n"), "{out}");
@@ -123,11 +108,7 @@ fn multiboot_kernel_is_detected_and_gets_cmdline_modules_and_devices() {
     assert!(out.contains(&format!("{}=second\n", s(&m2))), "{out}");
     assert!(out.contains("QEMU\n"), "fw_cfg signature: {out}");
     assert!(r.stderr().contains("debug-exit"), "{}", r.stderr());
-    assert!(
-        r.stderr().contains("by Multiboot"),
-        "detected: {}",
-        r.stderr()
-    );
+    assert!(r.stderr().contains("by Multiboot"), "detected: {}", r.stderr());
     // The read of port 0x1234 (PCI ports and fw_cfg are claimed).
     assert_eq!(r.stats()["unhandled_pio"], 1, "{}", r.stats());
 }
@@ -182,21 +163,9 @@ fn bad_checksum_is_refused() {
 #[test]
 fn unknown_required_flag_is_refused() {
     let len = 52 + 32 + 12 + KERNEL_CODE.len() as u32;
-    let img = elf32(
-        &[[LOAD, 0, len, 0x3000]],
-        3 | 1 << 7,
-        0,
-        LOAD + 0x60,
-        KERNEL_CODE,
-    );
+    let img = elf32(&[[LOAD, 0, len, 0x3000]], 3 | 1 << 7, 0, LOAD + 0x60, KERNEL_CODE);
     refused(&img, &[], "unknown feature flag(s) 7");
-    let img = elf32(
-        &[[LOAD, 0, len, 0x3000]],
-        1 << 2,
-        0,
-        LOAD + 0x60,
-        KERNEL_CODE,
-    );
+    let img = elf32(&[[LOAD, 0, len, 0x3000]], 1 << 2, 0, LOAD + 0x60, KERNEL_CODE);
     refused(&img, &[], "video mode (flag 2)");
 }
 
@@ -211,25 +180,13 @@ fn segment_outside_memory_is_refused() {
 
 #[test]
 fn overlapping_segments_are_refused() {
-    let img = elf32(
-        &[[LOAD, 0, 0x80, 0x2000], [LOAD + 0x1000, 0, 0x80, 0x1000]],
-        3,
-        0,
-        LOAD + 0x60,
-        KERNEL_CODE,
-    );
+    let img = elf32(&[[LOAD, 0, 0x80, 0x2000], [LOAD + 0x1000, 0, 0x80, 0x1000]], 3, 0, LOAD + 0x60, KERNEL_CODE);
     refused(&img, &[], "overlap");
 }
 
 #[test]
 fn segment_beyond_the_file_is_refused() {
-    let img = elf32(
-        &[[LOAD, 0, 0x10_0000, 0x10_0000]],
-        3,
-        0,
-        LOAD + 0x60,
-        KERNEL_CODE,
-    );
+    let img = elf32(&[[LOAD, 0, 0x10_0000, 0x10_0000]], 3, 0, LOAD + 0x60, KERNEL_CODE);
     refused(&img, &[], "past the end of the file");
 }
 
@@ -247,10 +204,7 @@ fn missing_module_and_modules_on_pvh_are_refused() {
 #[test]
 fn elf_with_neither_protocol_is_refused() {
     let mut img = good_kernel();
-    let at = img
-        .windows(4)
-        .position(|w| w == MB_MAGIC.to_le_bytes())
-        .unwrap();
+    let at = img.windows(4).position(|w| w == MB_MAGIC.to_le_bytes()).unwrap();
     img[at] = 0;
     refused(&img, &[], "no Multiboot header");
 }
@@ -258,18 +212,14 @@ fn elf_with_neither_protocol_is_refused() {
 /// `vkvm guest --format multiboot`: the bundled guest as an ELF32.
 fn multiboot_guest(dir: &Path) -> PathBuf {
     let p = dir.join("guest32.elf");
-    let st = std::process::Command::new(VKVM)
-        .args(["guest", "--format", "multiboot", "--output"])
-        .arg(&p)
-        .status()
-        .unwrap();
+    let st =
+        std::process::Command::new(VKVM).args(["guest", "--format", "multiboot", "--output"]).arg(&p).status().unwrap();
     assert!(st.success());
     p
 }
 
 fn counter(t: &serde_json::Value, k: &str) -> u64 {
-    t[k].as_u64()
-        .unwrap_or_else(|| panic!("no counter {k} in {t}"))
+    t[k].as_u64().unwrap_or_else(|| panic!("no counter {k} in {t}"))
 }
 
 #[test]
@@ -278,10 +228,7 @@ fn guest_multiboot_image_is_elf32_with_header_in_first_8k() {
     let b = std::fs::read(multiboot_guest(dir.path())).unwrap();
     assert_eq!(&b[..5], b"\x7fELF\x01", "ELF32");
     assert_eq!(u16::from_le_bytes([b[18], b[19]]), 3, "EM_386");
-    let at = b
-        .windows(4)
-        .position(|w| w == MB_MAGIC.to_le_bytes())
-        .expect("Multiboot header");
+    let at = b.windows(4).position(|w| w == MB_MAGIC.to_le_bytes()).expect("Multiboot header");
     assert!(at < 8192 && at % 4 == 0, "header at {at:#x}");
 }
 
@@ -293,25 +240,13 @@ fn bundled_guest_boots_by_multiboot_and_starts_its_ap_by_init_sipi() {
     let m = write(dir.path(), "env", b"NR_CPUS=2\n");
     for vcpus in [1u64, 2] {
         let n = vcpus.to_string();
-        let r = run(&[
-            s(&g),
-            "--vcpus",
-            &n,
-            "--cmdline",
-            "tests=selfcheck,fw-cfg",
-            "--module",
-            s(&m),
-        ]);
+        let r = run(&[s(&g), "--vcpus", &n, "--cmdline", "tests=selfcheck,fw-cfg", "--module", s(&m)]);
         let out = r.stdout();
         assert_eq!(r.status(), 0, "{out}\n{}", r.stderr());
         assert!(out.contains("via multiboot, 1 module(s)"), "{out}");
         assert!(out.contains(&format!("{vcpus} cpu(s)")), "{out}");
         let tests = r.tests();
-        let mut cpus: Vec<u64> = tests
-            .iter()
-            .filter(|t| t["name"] == "selfcheck")
-            .map(|t| counter(t, "cpu"))
-            .collect();
+        let mut cpus: Vec<u64> = tests.iter().filter(|t| t["name"] == "selfcheck").map(|t| counter(t, "cpu")).collect();
         cpus.sort();
         assert_eq!(cpus, (0..vcpus).collect::<Vec<_>>(), "{tests:?}");
         let f = tests.iter().find(|t| t["name"] == "fw-cfg").unwrap();
@@ -331,22 +266,10 @@ fn forced_multiboot_reports_guest_failures_and_elf64_has_no_live_header() {
     need_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let g = multiboot_guest(dir.path());
-    let r = run(&[
-        s(&g),
-        "--boot",
-        "multiboot",
-        "--memory",
-        "64M",
-        "--cmdline",
-        "tests=selfcheck inject=selfcheck",
-    ]);
+    let r = run(&[s(&g), "--boot", "multiboot", "--memory", "64M", "--cmdline", "tests=selfcheck inject=selfcheck"]);
     assert_eq!(r.status(), 1, "{}\n{}", r.stdout(), r.stderr());
     assert!(r.stdout().contains("via multiboot"), "{}", r.stdout());
-    assert!(
-        r.stdout().contains(", 63 MiB RAM") || r.stdout().contains(", 64 MiB RAM"),
-        "{}",
-        r.stdout()
-    );
+    assert!(r.stdout().contains(", 63 MiB RAM") || r.stdout().contains(", 64 MiB RAM"), "{}", r.stdout());
     // The ELF64 keeps its header dormant (QEMU would refuse a Multiboot ELF64).
     let g64 = bundled_guest(dir.path());
     let r = run(&[s(&g64), "--boot", "multiboot"]);
@@ -359,10 +282,7 @@ fn forced_multiboot_reports_guest_failures_and_elf64_has_no_live_header() {
 }
 
 fn qemu_usable() -> bool {
-    let ok = std::process::Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok();
+    let ok = std::process::Command::new("qemu-system-x86_64").arg("--version").output().is_ok();
     if !ok {
         assert!(
             std::env::var("VKVM_REQUIRE_QEMU").as_deref() != Ok("1"),
@@ -389,12 +309,7 @@ fn same_multiboot_guest_boots_under_qemu_pc_on_1_and_2_cpus() {
             .args(["-net", "none"])
             .arg("-kernel")
             .arg(&g)
-            .args([
-                "-device",
-                "isa-debug-exit,iobase=0xf4,iosize=0x04",
-                "-append",
-                "tests=selfcheck,fw-cfg",
-            ])
+            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-append", "tests=selfcheck,fw-cfg"])
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -403,10 +318,7 @@ fn same_multiboot_guest_boots_under_qemu_pc_on_1_and_2_cpus() {
         assert!(stdout.contains("via multiboot"), "{stdout}");
         assert!(stdout.contains(&format!("{cpus} cpu(s)")), "{stdout}");
         for c in 0..cpus {
-            assert!(
-                stdout.contains(&format!("test selfcheck cpu {c}: pass")),
-                "{stdout}"
-            );
+            assert!(stdout.contains(&format!("test selfcheck cpu {c}: pass")), "{stdout}");
         }
         assert!(
             stdout.contains(&format!(

@@ -9,13 +9,7 @@ fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("set by cargo"));
     let guest = manifest.join("../guest");
-    for f in [
-        "src",
-        "Cargo.toml",
-        "build.rs",
-        "linker.ld",
-        ".cargo/config.toml",
-    ] {
+    for f in ["src", "Cargo.toml", "build.rs", "linker.ld", ".cargo/config.toml"] {
         println!("cargo:rerun-if-changed={}", guest.join(f).display());
     }
     let elf = build_freestanding(&guest, &out.join("guest-target"), "vkvm-guest");
@@ -35,22 +29,13 @@ fn main() {
 fn make_elf32(elf64: &Path, elf32: &Path) {
     println!("cargo:rerun-if-env-changed=OBJCOPY");
     let objcopy = std::env::var("OBJCOPY").unwrap_or_else(|_| "objcopy".into());
-    let status = Command::new(&objcopy)
-        .args(["-O", "elf32-i386"])
-        .arg(elf64)
-        .arg(elf32)
-        .status()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run '{objcopy}' ({e}): vkvm's build needs objcopy from GNU binutils to make \
+    let status = Command::new(&objcopy).args(["-O", "elf32-i386"]).arg(elf64).arg(elf32).status().unwrap_or_else(|e| {
+        panic!(
+            "cannot run '{objcopy}' ({e}): vkvm's build needs objcopy from GNU binutils to make \
                  the Multiboot (ELF32) guest; install binutils (e.g. apt-get install binutils) or set OBJCOPY"
-            )
-        });
-    assert!(
-        status.success(),
-        "'{objcopy} -O elf32-i386' failed on {}",
-        elf64.display()
-    );
+        )
+    });
+    assert!(status.success(), "'{objcopy} -O elf32-i386' failed on {}", elf64.display());
     wake_multiboot_header(elf32);
 }
 
@@ -78,22 +63,15 @@ fn wake_multiboot_header(elf32: &Path) {
 fn build_freestanding(dir: &Path, target_dir: &Path, bin: &str) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(dir)
-        .args(["build", "--release", "--target-dir"])
-        .arg(target_dir);
+    cmd.current_dir(dir).args(["build", "--release", "--target-dir"]).arg(target_dir);
     // The outer build's settings (flags, target dir, wrappers) must not leak in.
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy().into_owned();
-        if (k.starts_with("CARGO_") && k != "CARGO_HOME")
-            || k.starts_with("RUSTC_")
-            || k == "RUSTFLAGS"
-        {
+        if (k.starts_with("CARGO_") && k != "CARGO_HOME") || k.starts_with("RUSTC_") || k == "RUSTFLAGS" {
             cmd.env_remove(&k);
         }
     }
     let status = cmd.status().expect("run cargo for the guest");
     assert!(status.success(), "building {} failed", dir.display());
-    target_dir
-        .join("x86_64-unknown-linux-gnu/release")
-        .join(bin)
+    target_dir.join("x86_64-unknown-linux-gnu/release").join(bin)
 }

@@ -49,8 +49,7 @@ static mut TSS: [Tss; MAX_CPUS] = [const {
     }
 }; MAX_CPUS];
 static mut IST_STACKS: [Stack<IST_SIZE>; MAX_CPUS] = [const { Stack([0; IST_SIZE]) }; MAX_CPUS];
-static mut USER_STACKS: [Stack<USTACK_SIZE>; MAX_CPUS] =
-    [const { Stack([0; USTACK_SIZE]) }; MAX_CPUS];
+static mut USER_STACKS: [Stack<USTACK_SIZE>; MAX_CPUS] = [const { Stack([0; USTACK_SIZE]) }; MAX_CPUS];
 
 #[repr(C, align(16))]
 struct Idt([u64; 64]);
@@ -85,11 +84,7 @@ pub fn init_and_enter_user(cpu: usize, user_entry: extern "C" fn(u64) -> !) -> !
         let idt = (&raw mut IDT) as *mut u64;
         for (v, &handler) in isr_table.iter().enumerate() {
             // 64-bit interrupt gate, DPL 0, IST 1.
-            let lo = (handler & 0xffff)
-                | (0x08 << 16)
-                | (1 << 32)
-                | (0x8e << 40)
-                | ((handler >> 16) & 0xffff) << 48;
+            let lo = (handler & 0xffff) | (0x08 << 16) | (1 << 32) | (0x8e << 40) | ((handler >> 16) & 0xffff) << 48;
             idt.add(2 * v).write_volatile(lo);
             idt.add(2 * v + 1).write_volatile(handler >> 32);
         }

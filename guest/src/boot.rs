@@ -236,8 +236,7 @@ pub fn start_aps() {
         reg(ICR_LOW).write_volatile(ALL_BUT_SELF | ASSERT | INIT);
         for _ in 0..2 {
             reg(ICR_HIGH).write_volatile(0);
-            reg(ICR_LOW)
-                .write_volatile(ALL_BUT_SELF | ASSERT | STARTUP | (AP_TRAMPOLINE >> 12) as u32);
+            reg(ICR_LOW).write_volatile(ALL_BUT_SELF | ASSERT | STARTUP | (AP_TRAMPOLINE >> 12) as u32);
         }
     }
 }

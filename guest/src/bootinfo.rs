@@ -79,11 +79,7 @@ struct MultibootInfo {
 /// Multiboot: command line (flag 2), modules (flag 3), and the RAM end from
 /// the memory map (flag 6) or else from mem_upper (flag 0).
 pub fn parse_multiboot(addr: u64, image_end: u64) -> BootInfo {
-    let mut bi = BootInfo {
-        cmdline: &[],
-        ram_end: image_end,
-        modules: 0,
-    };
+    let mut bi = BootInfo { cmdline: &[], ram_end: image_end, modules: 0 };
     if addr == 0 || addr >= 1 << 32 {
         return bi;
     }
@@ -123,11 +119,7 @@ pub fn parse_multiboot(addr: u64, image_end: u64) -> BootInfo {
 /// Anything that does not look like a PVH start info yields no cmdline and
 /// only the RAM the image itself occupies.
 pub fn parse(addr: u64, image_end: u64) -> BootInfo {
-    let mut bi = BootInfo {
-        cmdline: &[],
-        ram_end: image_end,
-        modules: 0,
-    };
+    let mut bi = BootInfo { cmdline: &[], ram_end: image_end, modules: 0 };
     if addr == 0 {
         return bi;
     }

@@ -8,10 +8,7 @@ pub struct Line {
 
 impl Line {
     pub const fn new() -> Self {
-        Line {
-            buf: [0; 256],
-            len: 0,
-        }
+        Line { buf: [0; 256], len: 0 }
     }
     pub fn s(&mut self, s: &str) -> &mut Self {
         self.bytes(s.as_bytes())

@@ -97,15 +97,8 @@ pub fn is_vkvm() -> bool {
 
 #[repr(C, align(64))]
 struct Block(HcBlock);
-static mut HC_BLOCKS: [Block; MAX_CPUS] = [const {
-    Block(HcBlock {
-        magic: 0,
-        version: 0,
-        nr: 0,
-        args: [0; 6],
-        ret: 0,
-    })
-}; MAX_CPUS];
+static mut HC_BLOCKS: [Block; MAX_CPUS] =
+    [const { Block(HcBlock { magic: 0, version: 0, nr: 0, args: [0; 6], ret: 0 }) }; MAX_CPUS];
 
 /// Issue hypercall `nr` from `cpu`. Returns `ret` (negative errno on error).
 pub fn hypercall(cpu: usize, nr: u16, args: &[u64]) -> i64 {
@@ -115,13 +108,7 @@ pub fn hypercall(cpu: usize, nr: u16, args: &[u64]) -> i64 {
         let b = &raw mut HC_BLOCKS[cpu % MAX_CPUS].0;
         let mut a = [0u64; 6];
         a[..args.len().min(6)].copy_from_slice(&args[..args.len().min(6)]);
-        b.write_volatile(HcBlock {
-            magic: abi::HC_MAGIC,
-            version: abi::ABI_VERSION,
-            nr,
-            args: a,
-            ret: 0,
-        });
+        b.write_volatile(HcBlock { magic: abi::HC_MAGIC, version: abi::ABI_VERSION, nr, args: a, ret: 0 });
         outl(abi::HC_PORT, b as u64 as u32);
         core::ptr::addr_of!((*b).ret).read_volatile()
     }
@@ -145,11 +132,7 @@ pub fn console_write(cpu: usize, s: &[u8]) {
         core::hint::spin_loop();
     }
     if is_vkvm() {
-        hypercall(
-            cpu,
-            abi::nr::CONSOLE_WRITE,
-            &[s.as_ptr() as u64, s.len() as u64],
-        );
+        hypercall(cpu, abi::nr::CONSOLE_WRITE, &[s.as_ptr() as u64, s.len() as u64]);
     } else {
         serial_write(s);
     }
@@ -170,23 +153,9 @@ pub fn exit(cpu: usize, status: u64) -> ! {
 /// Ring-0 crash report: registers on the console, then exit status 3.
 pub fn crash(cpu: usize, f: &Frame, cr2: u64) -> ! {
     let mut line = crate::fmt::Line::new();
-    line.s("guest exception: vector ")
-        .dec(f.vector)
-        .s(" error ")
-        .hex(f.error);
-    line.s(" cpu ")
-        .dec(cpu as u64)
-        .s(" rip ")
-        .hex(f.rip)
-        .s(" rsp ")
-        .hex(f.rsp);
-    line.s(" cr2 ")
-        .hex(cr2)
-        .s(" cs ")
-        .hex(f.cs)
-        .s(" rflags ")
-        .hex(f.rflags)
-        .s("\n");
+    line.s("guest exception: vector ").dec(f.vector).s(" error ").hex(f.error);
+    line.s(" cpu ").dec(cpu as u64).s(" rip ").hex(f.rip).s(" rsp ").hex(f.rsp);
+    line.s(" cr2 ").hex(cr2).s(" cs ").hex(f.cs).s(" rflags ").hex(f.rflags).s("\n");
     serial_write(line.as_bytes());
     exit(cpu, abi::STATUS_CRASH)
 }

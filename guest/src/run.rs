@@ -58,29 +58,18 @@ pub fn main(cpu: usize, start_info: u64) -> ! {
     NCPUS.store(ncpus, Ordering::Relaxed);
 
     let mut l = Line::new();
-    l.s("vkvm-guest 0.1 (hypercall ABI v")
-        .dec(abi::ABI_VERSION as u64)
-        .s("): long mode, ring 3, ");
+    l.s("vkvm-guest 0.1 (hypercall ABI v").dec(abi::ABI_VERSION as u64).s("): long mode, ring 3, ");
     l.s(if vkvm { "on vkvm" } else { "on another VMM" }).s(", ");
-    l.dec(bi.ram_end >> 20)
-        .s(" MiB RAM, ")
-        .dec(ncpus as u64)
-        .s(" cpu(s), cmdline '");
+    l.dec(bi.ram_end >> 20).s(" MiB RAM, ").dec(ncpus as u64).s(" cpu(s), cmdline '");
     l.bytes(bi.cmdline).s("'");
     if multiboot {
-        l.s(" via multiboot, ")
-            .dec(bi.modules as u64)
-            .s(" module(s)");
+        l.s(" via multiboot, ").dec(bi.modules as u64).s(" module(s)");
     }
     l.s("\n");
     platform::serial_write(l.as_bytes());
     if ncpus < want {
         l.clear();
-        l.s("guest: only ")
-            .dec(ncpus as u64)
-            .s(" of ")
-            .dec(want as u64)
-            .s(" cpus started; running on those\n");
+        l.s("guest: only ").dec(ncpus as u64).s(" of ").dec(want as u64).s(" cpus started; running on those\n");
         console_write(0, l.as_bytes());
         FAILED.store(true, Ordering::Relaxed);
     }
@@ -127,20 +116,9 @@ pub fn main(cpu: usize, start_info: u64) -> ! {
     EPOCH.store(STOP, Ordering::Release);
     let failed = FAILED.load(Ordering::Relaxed);
     l.clear();
-    l.s(if failed {
-        "guest: FAILED\n"
-    } else {
-        "guest: all tests passed\n"
-    });
+    l.s(if failed { "guest: FAILED\n" } else { "guest: all tests passed\n" });
     console_write(0, l.as_bytes());
-    platform::exit(
-        0,
-        if failed {
-            abi::STATUS_FAIL
-        } else {
-            abi::STATUS_PASS
-        },
-    )
+    platform::exit(0, if failed { abi::STATUS_FAIL } else { abi::STATUS_PASS })
 }
 
 /// Wait until `want - 1` APs have checked in, or give up after a while;
@@ -163,11 +141,7 @@ fn arena(image_end: u64) -> u64 {
 fn say_hello(cpu: usize) {
     let apic = platform::cpuid(1)[1] >> 24;
     let mut l = Line::new();
-    l.s("cpu ")
-        .dec(cpu as u64)
-        .s(" (apic id ")
-        .dec(apic as u64)
-        .s(") running in ring 3\n");
+    l.s("cpu ").dec(cpu as u64).s(" (apic id ").dec(apic as u64).s(") running in ring 3\n");
     console_write(cpu, l.as_bytes());
 }
 

@@ -53,12 +53,7 @@ pub static ALL: &[Test] = &[
         all_cpus: false,
         run: triple_fault,
     },
-    Test {
-        name: "hang",
-        about: "never finish (for --timeout)",
-        all_cpus: false,
-        run: hang,
-    },
+    Test { name: "hang", about: "never finish (for --timeout)", all_cpus: false, run: hang },
 ];
 
 pub fn find(name: &[u8]) -> Option<&'static Test> {
@@ -74,12 +69,7 @@ pub struct Outcome {
 
 impl Outcome {
     fn new() -> Self {
-        Outcome {
-            pass: true,
-            counters: [("", 0); abi::MAX_COUNTERS],
-            n: 0,
-            detail: Line::new(),
-        }
+        Outcome { pass: true, counters: [("", 0); abi::MAX_COUNTERS], n: 0, detail: Line::new() }
     }
     fn count(&mut self, k: &'static str, v: u64) -> &mut Self {
         if self.n < abi::MAX_COUNTERS {
@@ -108,29 +98,10 @@ pub struct Ctx {
 
 impl Ctx {
     pub const fn empty() -> Self {
-        Ctx {
-            cpu: 0,
-            ncpus: 1,
-            seed: 0,
-            arena_start: 0,
-            arena_end: 0,
-            cmdline: &[],
-        }
+        Ctx { cpu: 0, ncpus: 1, seed: 0, arena_start: 0, arena_end: 0, cmdline: &[] }
     }
-    pub fn from_cmdline(
-        cmdline: &'static [u8],
-        arena_start: u64,
-        ram_end: u64,
-        ncpus: usize,
-    ) -> Self {
-        let mut c = Ctx {
-            cpu: 0,
-            ncpus,
-            seed: 1,
-            arena_start,
-            arena_end: ram_end.max(arena_start),
-            cmdline,
-        };
+    pub fn from_cmdline(cmdline: &'static [u8], arena_start: u64, ram_end: u64, ncpus: usize) -> Self {
+        let mut c = Ctx { cpu: 0, ncpus, seed: 1, arena_start, arena_end: ram_end.max(arena_start), cmdline };
         if let Some(v) = c.opt(b"seed") {
             c.seed = parse_u64(v).unwrap_or(1);
         }
@@ -152,8 +123,7 @@ impl Ctx {
     }
     /// `inject=NAME` asks test NAME to corrupt its own data so that it must fail.
     fn inject(&self, name: &str) -> bool {
-        self.opt(b"inject")
-            .is_some_and(|v| v.split(|&c| c == b',').any(|n| n == name.as_bytes()))
+        self.opt(b"inject").is_some_and(|v| v.split(|&c| c == b',').any(|n| n == name.as_bytes()))
     }
     /// This CPU's equal share of `len` bytes of the arena (page aligned).
     fn slice(&self, len: u64) -> (u64, u64) {
@@ -187,11 +157,7 @@ pub fn splitmix64(mut x: u64) -> u64 {
 /// Print the result line and, under vkvm, send the report hypercall.
 pub fn report(cpu: usize, name: &str, out: &Outcome) {
     let mut l = Line::new();
-    l.s("test ")
-        .s(name)
-        .s(" cpu ")
-        .dec(cpu as u64)
-        .s(if out.pass { ": pass" } else { ": FAIL" });
+    l.s("test ").s(name).s(" cpu ").dec(cpu as u64).s(if out.pass { ": pass" } else { ": FAIL" });
     for &(k, v) in &out.counters[..out.n] {
         l.s(" ").s(k).s("=").dec(v);
     }
@@ -205,11 +171,7 @@ pub fn report(cpu: usize, name: &str, out: &Outcome) {
     }
     let mut r = TestReport {
         name: [0; abi::NAME_LEN],
-        status: if out.pass {
-            abi::TEST_PASS
-        } else {
-            abi::TEST_FAIL
-        },
+        status: if out.pass { abi::TEST_PASS } else { abi::TEST_FAIL },
         cpu: cpu as u32,
         ncounters: out.n as u32,
         _pad: 0,
@@ -223,11 +185,7 @@ pub fn report(cpu: usize, name: &str, out: &Outcome) {
         r.counters[i] = v;
     }
     copy_str(&mut r.detail, out.detail.as_bytes());
-    hypercall(
-        cpu,
-        abi::nr::REPORT,
-        &[&r as *const _ as u64, abi::TEST_REPORT_SIZE as u64],
-    );
+    hypercall(cpu, abi::nr::REPORT, &[&r as *const _ as u64, abi::TEST_REPORT_SIZE as u64]);
 }
 
 fn copy_str(dst: &mut [u8], src: &[u8]) {
@@ -260,18 +218,11 @@ pub fn fill_and_verify(ctx: &Ctx, name: &str, start: u64, end: u64, out: &mut Ou
         let found = unsafe { (a as *const u64).read_volatile() };
         let want = pattern(a, ctx.seed);
         if found != want {
-            out.fail()
-                .s("first wrong address ")
-                .hex(a)
-                .s(" expected ")
-                .hex(want)
-                .s(" found ")
-                .hex(found);
+            out.fail().s("first wrong address ").hex(a).s(" expected ").hex(want).s(" found ").hex(found);
             break;
         }
     }
-    out.count("bytes", end - start)
-        .count("pages", (end - start) / 4096);
+    out.count("bytes", end - start).count("pages", (end - start) / 4096);
 }
 
 fn selfcheck(ctx: &Ctx) -> Outcome {
@@ -284,11 +235,7 @@ fn selfcheck(ctx: &Ctx) -> Outcome {
 fn pio_bench(ctx: &Ctx) -> Outcome {
     const MAX: usize = 1 << 16;
     static mut SAMPLES: [u32; MAX] = [0; MAX];
-    let iters = ctx
-        .opt(b"pio-iters")
-        .and_then(parse_u64)
-        .unwrap_or(10_000)
-        .clamp(1, MAX as u64) as usize;
+    let iters = ctx.opt(b"pio-iters").and_then(parse_u64).unwrap_or(10_000).clamp(1, MAX as u64) as usize;
     // SAFETY: only CPU 0 runs this test.
     let s = unsafe { &mut *(&raw mut SAMPLES) };
     for v in s.iter_mut().take(iters) {
@@ -302,9 +249,7 @@ fn pio_bench(ctx: &Ctx) -> Outcome {
     let p90 = s[iters * 9 / 10] as u64;
     let khz = tsc_khz();
     let mut out = Outcome::new();
-    out.count("exits", iters as u64)
-        .count("median_cycles", median)
-        .count("p90_cycles", p90);
+    out.count("exits", iters as u64).count("median_cycles", median).count("p90_cycles", p90);
     out.count("tsc_khz", khz);
     if let Some(ns) = (median * 1_000_000).checked_div(khz) {
         out.count("median_ns", ns);
@@ -333,35 +278,11 @@ fn bad_hypercall(ctx: &Ctx) -> Outcome {
     let c = ctx.cpu;
     let ok = b"bad-hypercall: console ok\n";
     let checks: [(&str, i64, i64); 5] = [
-        (
-            "beyond-ram",
-            hypercall(c, abi::nr::CONSOLE_WRITE, &[ctx.arena_end + (1 << 30), 16]),
-            -abi::EFAULT,
-        ),
-        (
-            "wrapping",
-            hypercall(c, abi::nr::CONSOLE_WRITE, &[u64::MAX - 4, 16]),
-            -abi::EFAULT,
-        ),
-        (
-            "too-long",
-            hypercall(
-                c,
-                abi::nr::CONSOLE_WRITE,
-                &[ok.as_ptr() as u64, abi::MAX_CONSOLE + 1],
-            ),
-            -abi::E2BIG,
-        ),
+        ("beyond-ram", hypercall(c, abi::nr::CONSOLE_WRITE, &[ctx.arena_end + (1 << 30), 16]), -abi::EFAULT),
+        ("wrapping", hypercall(c, abi::nr::CONSOLE_WRITE, &[u64::MAX - 4, 16]), -abi::EFAULT),
+        ("too-long", hypercall(c, abi::nr::CONSOLE_WRITE, &[ok.as_ptr() as u64, abi::MAX_CONSOLE + 1]), -abi::E2BIG),
         ("unknown-nr", hypercall(c, 0x7777, &[]), -abi::ENOSYS),
-        (
-            "valid",
-            hypercall(
-                c,
-                abi::nr::CONSOLE_WRITE,
-                &[ok.as_ptr() as u64, ok.len() as u64],
-            ),
-            ok.len() as i64,
-        ),
+        ("valid", hypercall(c, abi::nr::CONSOLE_WRITE, &[ok.as_ptr() as u64, ok.len() as u64]), ok.len() as i64),
     ];
     for (what, got, want) in checks {
         if got != want {
@@ -397,12 +318,7 @@ fn fw_cfg(ctx: &Ctx) -> Outcome {
     if &sig != b"QEMU" {
         out.fail().s("fw_cfg signature is not QEMU: ").bytes(&sig);
     } else if nb as usize != ctx.ncpus {
-        out.fail()
-            .s("fw_cfg NB_CPUS ")
-            .dec(nb)
-            .s(" but ")
-            .dec(ctx.ncpus as u64)
-            .s(" cpus run");
+        out.fail().s("fw_cfg NB_CPUS ").dec(nb).s(" but ").dec(ctx.ncpus as u64).s(" cpus run");
     }
     out
 }

@@ -9,11 +9,7 @@ use std::process::{Command, Output};
 pub const VKVM: &str = env!("CARGO_BIN_EXE_vkvm");
 
 pub fn kvm_usable() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
+    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
     if !ok && std::env::var("VKVM_REQUIRE_KVM").as_deref() == Ok("1") {
         panic!("VKVM_REQUIRE_KVM=1 but /dev/kvm cannot be opened");
     }
@@ -52,10 +48,7 @@ impl Run {
         self.stats.as_ref().expect("no --stats-json written")
     }
     pub fn tests(&self) -> Vec<Value> {
-        self.stats()["tests"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+        self.stats()["tests"].as_array().cloned().unwrap_or_default()
     }
 }
 
@@ -68,42 +61,23 @@ pub fn run(args: &[&str]) -> Run {
         .args(args)
         .arg("--stats-json")
         .arg(&stats)
-        .args(if args.contains(&"--timeout") {
-            &[][..]
-        } else {
-            &["--timeout", "60"][..]
-        })
+        .args(if args.contains(&"--timeout") { &[][..] } else { &["--timeout", "60"][..] })
         .output()
         .expect("run vkvm");
-    let stats = std::fs::read_to_string(&stats)
-        .ok()
-        .map(|s| serde_json::from_str(&s).expect("stats JSON parses"));
+    let stats = std::fs::read_to_string(&stats).ok().map(|s| serde_json::from_str(&s).expect("stats JSON parses"));
     Run { out, stats, dir }
 }
 
 pub fn assert_one_line_error(r: &Run, status: i32, needle: &str) {
-    assert_eq!(
-        r.status(),
-        status,
-        "stdout: {}\nstderr: {}",
-        r.stdout(),
-        r.stderr()
-    );
+    assert_eq!(r.status(), status, "stdout: {}\nstderr: {}", r.stdout(), r.stderr());
     let err = r.stderr();
-    assert!(
-        err.contains(needle),
-        "stderr does not mention {needle:?}: {err}"
-    );
+    assert!(err.contains(needle), "stderr does not mention {needle:?}: {err}");
     assert!(!err.contains("panicked"), "vkvm panicked: {err}");
 }
 
 pub fn bundled_guest(dir: &Path) -> PathBuf {
     let p = dir.join("guest.elf");
-    let st = Command::new(VKVM)
-        .args(["guest", "--output"])
-        .arg(&p)
-        .status()
-        .unwrap();
+    let st = Command::new(VKVM).args(["guest", "--output"]).arg(&p).status().unwrap();
     assert!(st.success());
     p
 }

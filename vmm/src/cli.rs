@@ -89,31 +89,21 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, suffix) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (examples: 64M, 1G, 1048576)"))?;
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (examples: 64M, 1G, 1048576)"))?;
     let mult = match suffix.to_ascii_uppercase().as_str() {
         "" | "B" => 1u64,
         "K" | "KB" | "KIB" => 1 << 10,
         "M" | "MB" | "MIB" => 1 << 20,
         "G" | "GB" | "GIB" => 1 << 30,
-        _ => {
-            return Err(format!(
-                "'{s}': unknown size suffix '{suffix}' (use K, M or G)"
-            ))
-        }
+        _ => return Err(format!("'{s}': unknown size suffix '{suffix}' (use K, M or G)")),
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("'{s}' is too large"))
+    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
 }
 
 impl RunArgs {
     pub fn validate(&self, max_vcpus: u32) -> Result<(), Error> {
         if !self.memory.is_multiple_of(4096) {
-            return Err(Error::Config(format!(
-                "--memory {} is not a multiple of 4 KiB",
-                self.memory
-            )));
+            return Err(Error::Config(format!("--memory {} is not a multiple of 4 KiB", self.memory)));
         }
         if self.memory > crate::vm::MAX_MEMORY {
             return Err(Error::Config(format!(
@@ -129,9 +119,7 @@ impl RunArgs {
         }
         if let Some(t) = self.timeout {
             if !(t > 0.0 && t.is_finite()) {
-                return Err(Error::Config(format!(
-                    "--timeout {t} must be a positive number of seconds"
-                )));
+                return Err(Error::Config(format!("--timeout {t} must be a positive number of seconds")));
             }
         }
         if self.cmdline.len() >= crate::boot::CMDLINE_MAX {

@@ -14,15 +14,9 @@ pub enum Error {
     #[error("{0}")]
     Crash(String),
     #[error("{context}: {source}")]
-    Io {
-        context: String,
-        source: std::io::Error,
-    },
+    Io { context: String, source: std::io::Error },
     #[error("KVM: {context}: {source}")]
-    KvmIoctl {
-        context: String,
-        source: kvm_ioctls::Error,
-    },
+    KvmIoctl { context: String, source: kvm_ioctls::Error },
 }
 
 impl Error {

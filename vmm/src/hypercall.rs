@@ -30,17 +30,12 @@ fn le64(b: &[u8], off: usize) -> u64 {
 /// Read `len` guest bytes at `gpa`, or an errno if any byte is outside RAM.
 pub fn read_guest(shared: &Shared, gpa: u64, len: u64) -> Result<Vec<u8>, i64> {
     if gpa.checked_add(len).is_none()
-        || !shared
-            .mem
-            .check_range(GuestAddress(gpa), len as usize, Permissions::ReadWrite)
+        || !shared.mem.check_range(GuestAddress(gpa), len as usize, Permissions::ReadWrite)
     {
         return Err(-abi::EFAULT);
     }
     let mut buf = vec![0u8; len as usize];
-    shared
-        .mem
-        .read_slice(&mut buf, GuestAddress(gpa))
-        .map_err(|_| -abi::EFAULT)?;
+    shared.mem.read_slice(&mut buf, GuestAddress(gpa)).map_err(|_| -abi::EFAULT)?;
     Ok(buf)
 }
 
@@ -51,19 +46,13 @@ pub fn handle(shared: &Shared, cpu: u32, value: u32) -> Action {
         Ok(b) if gpa.is_multiple_of(8) => b,
         _ => {
             warn!("vcpu {cpu}: hypercall block at {gpa:#x} is outside guest RAM or misaligned");
-            shared
-                .stats
-                .bad_hypercalls
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            shared.stats.bad_hypercalls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Action::Continue;
         }
     };
     let magic = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
     let version = u16::from_le_bytes([raw[4], raw[5]]);
-    let b = Block {
-        nr: u16::from_le_bytes([raw[6], raw[7]]),
-        args: std::array::from_fn(|i| le64(&raw, 8 + 8 * i)),
-    };
+    let b = Block { nr: u16::from_le_bytes([raw[6], raw[7]]), args: std::array::from_fn(|i| le64(&raw, 8 + 8 * i)) };
     let (ret, action) = if magic != abi::HC_MAGIC || version != abi::ABI_VERSION {
         warn!(
             "vcpu {cpu}: hypercall block with magic {magic:#x} version {version}: expected ABI v{}",
@@ -74,15 +63,10 @@ pub fn handle(shared: &Shared, cpu: u32, value: u32) -> Action {
         dispatch(shared, cpu, &b)
     };
     if ret < 0 {
-        shared
-            .stats
-            .bad_hypercalls
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        shared.stats.bad_hypercalls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     // The block was checked to be inside RAM above.
-    let _ = shared
-        .mem
-        .write_slice(&ret.to_le_bytes(), GuestAddress(gpa + 56));
+    let _ = shared.mem.write_slice(&ret.to_le_bytes(), GuestAddress(gpa + 56));
     action
 }
 
@@ -110,11 +94,7 @@ fn dispatch(shared: &Shared, cpu: u32, b: &Block) -> (i64, Action) {
                 Ok(bytes) => {
                     let r = TestResult::decode(&bytes);
                     debug!("vcpu {cpu}: test {} {}", r.name, r.status);
-                    shared
-                        .tests
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(r);
+                    shared.tests.lock().unwrap_or_else(|e| e.into_inner()).push(r);
                     (0, Action::Continue)
                 }
                 Err(e) => (e, Action::Continue),

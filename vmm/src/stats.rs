@@ -26,16 +26,7 @@ pub struct TestResult {
 /// NUL-padded guest text, with anything unprintable replaced.
 fn text(b: &[u8]) -> String {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    b[..end]
-        .iter()
-        .map(|&c| {
-            if c.is_ascii_graphic() || c == b' ' {
-                c as char
-            } else {
-                '?'
-            }
-        })
-        .collect()
+    b[..end].iter().map(|&c| if c.is_ascii_graphic() || c == b' ' { c as char } else { '?' }).collect()
 }
 
 impl TestResult {
@@ -60,11 +51,7 @@ impl TestResult {
         }
         TestResult {
             name: text(&b[..name_end]),
-            status: if status == abi::TEST_PASS {
-                "pass"
-            } else {
-                "fail"
-            },
+            status: if status == abi::TEST_PASS { "pass" } else { "fail" },
             cpu,
             counters,
             detail: text(&b[detail..detail + abi::DETAIL_LEN]),

@@ -34,10 +34,7 @@ pub fn run(shared: Arc<Shared>, mut vcpu: VcpuFd, id: u32) {
                             let i = &vcpu.get_kvm_run().__bindgen_anon_1.internal;
                             (i.suberror, i.data[..(i.ndata as usize).min(16)].to_vec())
                         };
-                        Outcome::Crash(format!(
-                            "{msg}: suberror {sub} data {data:x?}\n{}",
-                            dump_registers(&vcpu)
-                        ))
+                        Outcome::Crash(format!("{msg}: suberror {sub} data {data:x?}\n{}", dump_registers(&vcpu)))
                     }
                     o => o,
                 };
@@ -73,19 +70,13 @@ fn handle_exit(shared: &Shared, id: u32, exit: VcpuExit) -> Step {
         }
         VcpuExit::MmioRead(addr, data) => {
             counts.count(Reason::MmioRead);
-            warn!(
-                "vcpu {id}: read of {} bytes at unbacked address {addr:#x}",
-                data.len()
-            );
+            warn!("vcpu {id}: read of {} bytes at unbacked address {addr:#x}", data.len());
             data.fill(0xff);
             Step::Continue
         }
         VcpuExit::MmioWrite(addr, data) => {
             counts.count(Reason::MmioWrite);
-            warn!(
-                "vcpu {id}: write of {} bytes to unbacked address {addr:#x} ignored",
-                data.len()
-            );
+            warn!("vcpu {id}: write of {} bytes to unbacked address {addr:#x} ignored", data.len());
             Step::Continue
         }
         VcpuExit::Hlt => {
@@ -94,9 +85,7 @@ fn handle_exit(shared: &Shared, id: u32, exit: VcpuExit) -> Step {
         }
         VcpuExit::Shutdown => {
             counts.count(Reason::Shutdown);
-            Step::Stop(Outcome::Crash(format!(
-                "guest triple fault (KVM_EXIT_SHUTDOWN) on vcpu {id}"
-            )))
+            Step::Stop(Outcome::Crash(format!("guest triple fault (KVM_EXIT_SHUTDOWN) on vcpu {id}")))
         }
         VcpuExit::FailEntry(reason, cpu) => {
             counts.count(Reason::FailEntry);
@@ -106,21 +95,15 @@ fn handle_exit(shared: &Shared, id: u32, exit: VcpuExit) -> Step {
         }
         VcpuExit::InternalError => {
             counts.count(Reason::InternalError);
-            Step::Stop(Outcome::Crash(format!(
-                "KVM internal error on vcpu {id} (emulation failure?)"
-            )))
+            Step::Stop(Outcome::Crash(format!("KVM internal error on vcpu {id} (emulation failure?)")))
         }
         VcpuExit::SystemEvent(kind, _) => {
             counts.count(Reason::SystemEvent);
-            Step::Stop(Outcome::Crash(format!(
-                "guest system event {kind} on vcpu {id}"
-            )))
+            Step::Stop(Outcome::Crash(format!("guest system event {kind} on vcpu {id}")))
         }
         other => {
             counts.count(Reason::Other);
-            Step::Stop(Outcome::Crash(format!(
-                "unexpected exit on vcpu {id}: {other:?}"
-            )))
+            Step::Stop(Outcome::Crash(format!("unexpected exit on vcpu {id}: {other:?}")))
         }
     }
 }
@@ -128,9 +111,7 @@ fn handle_exit(shared: &Shared, id: u32, exit: VcpuExit) -> Step {
 fn io_out(shared: &Shared, id: u32, port: u16, data: &[u8]) -> Step {
     match port {
         COM1_BASE..COM1_END => {
-            shared
-                .serial
-                .write(port, data.first().copied().unwrap_or(0));
+            shared.serial.write(port, data.first().copied().unwrap_or(0));
         }
         abi::HC_PORT if data.len() == 4 => {
             let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
@@ -145,11 +126,7 @@ fn io_out(shared: &Shared, id: u32, port: u16, data: &[u8]) -> Step {
             PioOut::Done => {}
             PioOut::Exit(s) => return Step::Stop(Outcome::Exit(s)),
             PioOut::Unclaimed => {
-                shared
-                    .stats
-                    .exits
-                    .unhandled_pio
-                    .fetch_add(1, Ordering::Relaxed);
+                shared.stats.exits.unhandled_pio.fetch_add(1, Ordering::Relaxed);
                 debug!("vcpu {id}: write to unclaimed port {port:#x} ignored");
             }
         },
@@ -167,11 +144,7 @@ fn io_in(shared: &Shared, port: u16, data: &mut [u8]) {
         abi::HC_PORT if data.len() == 4 => data.copy_from_slice(&abi::HC_PROBE_MAGIC.to_le_bytes()),
         _ if shared.pc.read(port, data) => {}
         _ => {
-            shared
-                .stats
-                .exits
-                .unhandled_pio
-                .fetch_add(1, Ordering::Relaxed);
+            shared.stats.exits.unhandled_pio.fetch_add(1, Ordering::Relaxed);
             data.fill(0xff);
         }
     }

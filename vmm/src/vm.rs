@@ -60,17 +60,12 @@ impl Shared {
         let _ = self.exit_evt.write(1);
     }
     pub fn finished(&self) -> bool {
-        self.outcome
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+        self.outcome.lock().unwrap_or_else(|e| e.into_inner()).is_some()
     }
     /// A vCPU that stopped running (parked, or halted).
     pub fn park(&self) {
         if self.parked.fetch_add(1, Ordering::SeqCst) + 1 == self.nr_vcpus {
-            self.finish(Outcome::Crash(
-                "every vCPU parked or halted and none asked to exit".into(),
-            ));
+            self.finish(Outcome::Crash("every vCPU parked or halted and none asked to exit".into()));
         }
     }
 }
@@ -107,19 +102,14 @@ pub fn run(args: &RunArgs) -> Result<u8, Error> {
     args.validate(u32::MAX)?;
     let (image, what) = match &args.guest {
         Some(p) => (
-            std::fs::read(p)
-                .map_err(|e| Error::Config(format!("cannot read guest {}: {e}", p.display())))?,
+            std::fs::read(p).map_err(|e| Error::Config(format!("cannot read guest {}: {e}", p.display())))?,
             p.display().to_string(),
         ),
         // `--boot multiboot` without a kernel: the bundled guest's ELF32.
-        None if args.boot == boot::BootMode::Multiboot => (
-            guest_image::BUNDLED32.to_vec(),
-            "the bundled guest (ELF32)".to_string(),
-        ),
-        None => (
-            guest_image::BUNDLED.to_vec(),
-            "the bundled guest".to_string(),
-        ),
+        None if args.boot == boot::BootMode::Multiboot => {
+            (guest_image::BUNDLED32.to_vec(), "the bundled guest (ELF32)".to_string())
+        }
+        None => (guest_image::BUNDLED.to_vec(), "the bundled guest".to_string()),
     };
     let plan = boot::prepare(&image, &what, args.boot, args.memory, &args.module)?;
     let kvm = open_kvm(&args.kvm_device)?;
@@ -128,25 +118,16 @@ pub fn run(args: &RunArgs) -> Result<u8, Error> {
     let started = Instant::now();
 
     let vm = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
-    let mem =
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), args.memory as usize)]).map_err(|e| {
-            Error::Crash(format!(
-                "cannot allocate {} MiB of guest memory: {e}",
-                args.memory >> 20
-            ))
-        })?;
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), args.memory as usize)])
+        .map_err(|e| Error::Crash(format!("cannot allocate {} MiB of guest memory: {e}", args.memory >> 20)))?;
     register_memory(&vm, &mem)?;
     create_irqchip(&vm)?;
     let entry = boot::load(&plan, &mem, &image, &what, &args.cmdline, args.memory)?;
 
-    let cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
     let mut vcpus = Vec::new();
     for id in 0..args.vcpus {
-        let vcpu = vm
-            .create_vcpu(id as u64)
-            .map_err(Error::kvm(format!("KVM_CREATE_VCPU {id}")))?;
+        let vcpu = vm.create_vcpu(id as u64).map_err(Error::kvm(format!("KVM_CREATE_VCPU {id}")))?;
         let mut c = cpuid.clone();
         for e in c.as_mut_slice() {
             match e.function {
@@ -194,10 +175,7 @@ pub fn run(args: &RunArgs) -> Result<u8, Error> {
         Outcome::Exit(s) => *s,
         Outcome::Crash(_) => crate::abi::STATUS_CRASH as u8,
     };
-    info!(
-        "guest finished in {:.3} s with status {status}",
-        elapsed.as_secs_f64()
-    );
+    info!("guest finished in {:.3} s with status {status}", elapsed.as_secs_f64());
     if let Some(p) = &args.stats_json {
         write_stats(p, &shared, status, &outcome, elapsed, &vm)?;
     }
@@ -219,8 +197,7 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Error> {
         };
         // SAFETY: the region stays mapped for as long as the VM exists (the
         // GuestMemoryMmap lives in `Shared`, which outlives every vCPU).
-        unsafe { vm.set_user_memory_region(r) }
-            .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        unsafe { vm.set_user_memory_region(r) }.map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())
 }
@@ -230,8 +207,7 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Error> {
 /// its APs by INIT/SIPI. Without a PIT nothing is lost but a timer a
 /// kernel might calibrate against, so its failure only warns.
 fn create_irqchip(vm: &VmFd) -> Result<(), Error> {
-    vm.create_irq_chip()
-        .map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
+    vm.create_irq_chip().map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
     let pit = kvm_bindings::kvm_pit_config::default();
     if let Err(e) = vm.create_pit2(pit) {
         warn!("no in-kernel PIT (KVM_CREATE_PIT2: {e}); continuing without one");
@@ -248,11 +224,7 @@ struct Monitor {
 
 impl MutEventSubscriber for Monitor {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if self
-            .timer
-            .as_ref()
-            .is_some_and(|t| t.as_raw_fd() == events.fd())
-        {
+        if self.timer.as_ref().is_some_and(|t| t.as_raw_fd() == events.fd()) {
             self.timed_out = true;
         } else {
             // Reading only resets the eventfd; the outcome is in `shared`.
@@ -276,39 +248,26 @@ fn monitor(shared: &Arc<Shared>, timeout: Option<f64>) -> Result<Outcome, Error>
         Some(secs) => {
             let timer_err = |e| Error::Crash(format!("cannot arm the --timeout timer: {e}"));
             let mut t = TimerFd::new().map_err(timer_err)?;
-            t.reset(Duration::from_secs_f64(secs), None)
-                .map_err(timer_err)?;
+            t.reset(Duration::from_secs_f64(secs), None).map_err(timer_err)?;
             Some(t)
         }
         None => None,
     };
-    let mon = Arc::new(Mutex::new(Monitor {
-        shared: shared.clone(),
-        timer,
-        timed_out: false,
-    }));
-    let mut em = EventManager::<Arc<Mutex<Monitor>>>::new()
-        .map_err(|e| Error::Crash(format!("event manager: {e:?}")))?;
+    let mon = Arc::new(Mutex::new(Monitor { shared: shared.clone(), timer, timed_out: false }));
+    let mut em =
+        EventManager::<Arc<Mutex<Monitor>>>::new().map_err(|e| Error::Crash(format!("event manager: {e:?}")))?;
     em.add_subscriber(mon.clone());
     loop {
-        if let Some(o) = shared
-            .outcome
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
+        if let Some(o) = shared.outcome.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             return Ok(o);
         }
         if mon.lock().unwrap_or_else(|e| e.into_inner()).timed_out {
             let secs = timeout.unwrap_or_default();
-            let o = Outcome::Crash(format!(
-                "guest did not exit within the --timeout of {secs} s; stopped it"
-            ));
+            let o = Outcome::Crash(format!("guest did not exit within the --timeout of {secs} s; stopped it"));
             shared.finish(o.clone());
             return Ok(o);
         }
-        em.run_with_timeout(1000)
-            .map_err(|e| Error::Crash(format!("event manager: {e:?}")))?;
+        em.run_with_timeout(1000).map_err(|e| Error::Crash(format!("event manager: {e:?}")))?;
     }
 }
 
@@ -320,11 +279,7 @@ fn write_stats(
     elapsed: Duration,
     _vm: &VmFd,
 ) -> Result<(), Error> {
-    let tests = shared
-        .tests
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    let tests = shared.tests.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let mut v = json!({
         "exit_status": status,
         "exits": shared.stats.exits.snapshot(),
@@ -337,8 +292,7 @@ fn write_stats(
     if let Outcome::Crash(msg) = outcome {
         v["crash"] = json!(msg);
     }
-    let text =
-        serde_json::to_string_pretty(&v).map_err(|e| Error::Crash(format!("stats JSON: {e}")))?;
+    let text = serde_json::to_string_pretty(&v).map_err(|e| Error::Crash(format!("stats JSON: {e}")))?;
     std::fs::write(path, text + "\n").map_err(Error::io(format!("cannot write {}", path.display())))
 }
 

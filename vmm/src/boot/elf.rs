@@ -52,20 +52,8 @@ pub fn parse(image: &[u8]) -> Option<ElfInfo> {
     };
     let machine = rd(image, 18, 2)? as u16;
     let (entry, phoff, phentsize, phnum, min_ent) = match class {
-        Class::Elf32 => (
-            rd(image, 24, 4)?,
-            rd(image, 28, 4)?,
-            rd(image, 42, 2)?,
-            rd(image, 44, 2)?,
-            32,
-        ),
-        Class::Elf64 => (
-            rd(image, 24, 8)?,
-            rd(image, 32, 8)?,
-            rd(image, 54, 2)?,
-            rd(image, 56, 2)?,
-            56,
-        ),
+        Class::Elf32 => (rd(image, 24, 4)?, rd(image, 28, 4)?, rd(image, 42, 2)?, rd(image, 44, 2)?, 32),
+        Class::Elf64 => (rd(image, 24, 8)?, rd(image, 32, 8)?, rd(image, 54, 2)?, rd(image, 56, 2)?, 56),
     };
     if phnum > 0 && phentsize < min_ent {
         return None;
@@ -91,12 +79,7 @@ pub fn parse(image: &[u8]) -> Option<ElfInfo> {
         };
         phdrs.push(ph);
     }
-    Some(ElfInfo {
-        class,
-        machine,
-        entry,
-        phdrs,
-    })
+    Some(ElfInfo { class, machine, entry, phdrs })
 }
 
 /// Whether the image carries a PVH entry note ("Xen", type 18) in a PT_NOTE
@@ -105,10 +88,7 @@ pub fn has_pvh_note(image: &[u8]) -> bool {
     let Some(info) = parse(image) else {
         return false;
     };
-    info.phdrs
-        .iter()
-        .filter(|p| p.kind == PT_NOTE)
-        .any(|p| notes_have_pvh(image, p.offset, p.filesz))
+    info.phdrs.iter().filter(|p| p.kind == PT_NOTE).any(|p| notes_have_pvh(image, p.offset, p.filesz))
 }
 
 fn notes_have_pvh(image: &[u8], start: u64, len: u64) -> bool {
@@ -117,18 +97,13 @@ fn notes_have_pvh(image: &[u8], start: u64, len: u64) -> bool {
     };
     let mut off = start;
     while off.saturating_add(12) <= end {
-        let (Some(namesz), Some(descsz), Some(kind)) = (
-            rd(image, off, 4),
-            rd(image, off + 4, 4),
-            rd(image, off + 8, 4),
-        ) else {
+        let (Some(namesz), Some(descsz), Some(kind)) =
+            (rd(image, off, 4), rd(image, off + 4, 4), rd(image, off + 8, 4))
+        else {
             return false;
         };
         let name = off + 12;
-        if namesz == 4
-            && kind == 18
-            && rd(image, name, 4) == Some(u32::from_le_bytes(*b"Xen\0") as u64)
-        {
+        if namesz == 4 && kind == 18 && rd(image, name, 4) == Some(u32::from_le_bytes(*b"Xen\0") as u64) {
             return true;
         }
         off = name + namesz.div_ceil(4) * 4 + descsz.div_ceil(4) * 4;

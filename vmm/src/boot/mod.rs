@@ -9,9 +9,7 @@ pub mod multiboot;
 pub mod pvh;
 
 use crate::error::Error;
-use kvm_bindings::{
-    kvm_mp_state, kvm_regs, kvm_segment, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED,
-};
+use kvm_bindings::{kvm_mp_state, kvm_regs, kvm_segment, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED};
 use kvm_ioctls::VcpuFd;
 use std::path::Path;
 use vm_memory::GuestMemoryMmap;
@@ -52,28 +50,17 @@ pub fn read_modules(args: &[String]) -> Result<Vec<multiboot::Module>, Error> {
         .map(|a| {
             let (path, string) = a.split_once(',').unwrap_or((a, a));
             if path.is_empty() {
-                return Err(Error::Config(format!(
-                    "--module '{a}': expected PATH[,STRING]"
-                )));
+                return Err(Error::Config(format!("--module '{a}': expected PATH[,STRING]")));
             }
-            let data = std::fs::read(Path::new(path))
-                .map_err(|e| Error::Config(format!("cannot read module {path}: {e}")))?;
-            Ok(multiboot::Module {
-                string: string.to_string(),
-                data,
-            })
+            let data =
+                std::fs::read(Path::new(path)).map_err(|e| Error::Config(format!("cannot read module {path}: {e}")))?;
+            Ok(multiboot::Module { string: string.to_string(), data })
         })
         .collect()
 }
 
 /// Choose the protocol for `image` and check it against `mem_size`.
-pub fn prepare(
-    image: &[u8],
-    what: &str,
-    mode: BootMode,
-    mem_size: u64,
-    modules: &[String],
-) -> Result<Plan, Error> {
+pub fn prepare(image: &[u8], what: &str, mode: BootMode, mem_size: u64, modules: &[String]) -> Result<Plan, Error> {
     // vkvm boots PVH kernels that are ELF64 (linux-loader's ELF loader); an
     // ELF32 that carries both a PVH note and a Multiboot header (our guest
     // converted by objcopy, for one) boots by Multiboot.
@@ -96,15 +83,11 @@ pub fn prepare(
     match mode {
         BootMode::Multiboot => {
             let mods = read_modules(modules)?;
-            Ok(Plan::Multiboot(multiboot::prepare(
-                image, what, mem_size, mods,
-            )?))
+            Ok(Plan::Multiboot(multiboot::prepare(image, what, mem_size, mods)?))
         }
         _ => {
             if !modules.is_empty() {
-                return Err(Error::Config(
-                    "--module needs a Multiboot boot; PVH boots take no modules".into(),
-                ));
+                return Err(Error::Config("--module needs a Multiboot boot; PVH boots take no modules".into()));
             }
             pvh::check_elf(image, what, mem_size)?;
             Ok(Plan::Pvh)
@@ -122,9 +105,7 @@ pub fn load(
     mem_size: u64,
 ) -> Result<Entry, Error> {
     match plan {
-        Plan::Pvh => Ok(Entry::Pvh(pvh::load_pvh(
-            mem, image, what, cmdline, mem_size,
-        )?)),
+        Plan::Pvh => Ok(Entry::Pvh(pvh::load_pvh(mem, image, what, cmdline, mem_size)?)),
         Plan::Multiboot(k) => {
             let (entry, mbi) = multiboot::load(k, mem, image, cmdline, mem_size)?;
             Ok(Entry::Multiboot { entry, mbi })
@@ -158,29 +139,20 @@ pub fn setup_vcpu(vcpu: &VcpuFd, id: u32, entry: &Entry) -> Result<(), Error> {
         Entry::Pvh(e) => {
             pvh::setup_vcpu(vcpu, e)?;
             if id != 0 {
-                let st = kvm_mp_state {
-                    mp_state: KVM_MP_STATE_RUNNABLE,
-                };
-                vcpu.set_mp_state(st)
-                    .map_err(Error::kvm("KVM_SET_MP_STATE"))?;
+                let st = kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE };
+                vcpu.set_mp_state(st).map_err(Error::kvm("KVM_SET_MP_STATE"))?;
             }
             Ok(())
         }
-        Entry::Multiboot { entry, mbi } if id == 0 => enter_protected_mode(
-            vcpu,
-            *entry as u64,
-            multiboot::BOOT_MAGIC as u64,
-            *mbi as u64,
-        ),
+        Entry::Multiboot { entry, mbi } if id == 0 => {
+            enter_protected_mode(vcpu, *entry as u64, multiboot::BOOT_MAGIC as u64, *mbi as u64)
+        }
         // APs wait for INIT/SIPI. That is KVM's reset state for an AP with
         // the in-kernel LAPIC already; set it anyway so that it does not
         // depend on how KVM picks the BSP.
         Entry::Multiboot { .. } => {
-            let st = kvm_mp_state {
-                mp_state: KVM_MP_STATE_UNINITIALIZED,
-            };
-            vcpu.set_mp_state(st)
-                .map_err(Error::kvm("KVM_SET_MP_STATE"))
+            let st = kvm_mp_state { mp_state: KVM_MP_STATE_UNINITIALIZED };
+            vcpu.set_mp_state(st).map_err(Error::kvm("KVM_SET_MP_STATE"))
         }
     }
 }
@@ -214,27 +186,12 @@ pub fn enter_protected_mode(vcpu: &VcpuFd, rip: u64, rax: u64, rbx: u64) -> Resu
     sregs.fs = data;
     sregs.gs = data;
     sregs.ss = data;
-    sregs.tr = kvm_segment {
-        limit: 0x67,
-        type_: 0xb,
-        present: 1,
-        s: 0,
-        db: 0,
-        g: 0,
-        ..data
-    };
+    sregs.tr = kvm_segment { limit: 0x67, type_: 0xb, present: 1, s: 0, db: 0, g: 0, ..data };
     sregs.cr0 = 0x11; // PE | ET
     sregs.cr4 = 0;
     sregs.efer = 0;
-    vcpu.set_sregs(&sregs)
-        .map_err(Error::kvm("KVM_SET_SREGS"))?;
-    let regs = kvm_regs {
-        rip,
-        rax,
-        rbx,
-        rflags: 2,
-        ..Default::default()
-    };
+    vcpu.set_sregs(&sregs).map_err(Error::kvm("KVM_SET_SREGS"))?;
+    let regs = kvm_regs { rip, rax, rbx, rflags: 2, ..Default::default() };
     vcpu.set_regs(&regs).map_err(Error::kvm("KVM_SET_REGS"))?;
     Ok(())
 }

@@ -74,9 +74,7 @@ pub struct Kernel {
 /// Offset of the first 4-byte aligned header magic in the first 8 KiB.
 pub fn find_header(image: &[u8]) -> Option<usize> {
     let end = image.len().min(SEARCH_LEN);
-    (0..end.saturating_sub(3))
-        .step_by(4)
-        .find(|&o| u32_at(image, o) == Some(HEADER_MAGIC))
+    (0..end.saturating_sub(3)).step_by(4).find(|&o| u32_at(image, o) == Some(HEADER_MAGIC))
 }
 
 fn u32_at(image: &[u8], off: usize) -> Option<u32> {
@@ -86,20 +84,13 @@ fn u32_at(image: &[u8], off: usize) -> Option<u32> {
 
 /// Check `image` (named `what`) as a Multiboot kernel for `mem_size` bytes
 /// of RAM and place `modules` after it.
-pub fn prepare(
-    image: &[u8],
-    what: &str,
-    mem_size: u64,
-    modules: Vec<Module>,
-) -> Result<Kernel, Error> {
+pub fn prepare(image: &[u8], what: &str, mem_size: u64, modules: Vec<Module>) -> Result<Kernel, Error> {
     let bad = |m: String| Error::Config(format!("{what}: {m}"));
-    let off = find_header(image)
-        .ok_or_else(|| bad("no Multiboot header (magic 0x1BADB002) in its first 8 KiB".into()))?;
+    let off =
+        find_header(image).ok_or_else(|| bad("no Multiboot header (magic 0x1BADB002) in its first 8 KiB".into()))?;
     let field = |i: usize| u32_at(image, off + 4 * i);
     let (Some(flags), Some(checksum)) = (field(1), field(2)) else {
-        return Err(bad(
-            "the Multiboot header is cut off by the end of the file".into(),
-        ));
+        return Err(bad("the Multiboot header is cut off by the end of the file".into()));
     };
     if HEADER_MAGIC.wrapping_add(flags).wrapping_add(checksum) != 0 {
         return Err(bad(format!(
@@ -109,15 +100,10 @@ pub fn prepare(
     }
     let unsupported = flags & 0xffff & !SUPPORTED_REQUIRED;
     if unsupported & F_VIDEO_MODE != 0 {
-        return Err(bad(
-            "the Multiboot header requires a video mode (flag 2), and vkvm has no display".into(),
-        ));
+        return Err(bad("the Multiboot header requires a video mode (flag 2), and vkvm has no display".into()));
     }
     if unsupported != 0 {
-        let bits: Vec<String> = (0..16)
-            .filter(|b| unsupported & (1 << b) != 0)
-            .map(|b| b.to_string())
-            .collect();
+        let bits: Vec<String> = (0..16).filter(|b| unsupported & (1 << b) != 0).map(|b| b.to_string()).collect();
         return Err(bad(format!(
             "the Multiboot header requires unknown feature flag(s) {} (flags {flags:#010x}); vkvm supports required flags 0 and 1",
             bits.join(", ")
@@ -138,16 +124,9 @@ pub fn prepare(
     check_layout(&segments, entry, mem_size).map_err(bad)?;
 
     // Modules go page-aligned after the kernel (flag 0 is always honoured).
-    let kernel_end = segments
-        .iter()
-        .map(|s| s.paddr + s.memsz)
-        .max()
-        .unwrap_or(HIMEM_START);
+    let kernel_end = segments.iter().map(|s| s.paddr + s.memsz).max().unwrap_or(HIMEM_START);
     if modules.len() > MAX_MODULES {
-        return Err(Error::Config(format!(
-            "{} modules given; at most {MAX_MODULES} are supported",
-            modules.len()
-        )));
+        return Err(Error::Config(format!("{} modules given; at most {MAX_MODULES} are supported", modules.len())));
     }
     let strings: u64 = modules.iter().map(|m| m.string.len() as u64 + 1).sum();
     if strings > MOD_STRINGS_END - MOD_STRINGS_ADDR {
@@ -171,11 +150,7 @@ pub fn prepare(
         placed.push((at, m));
         at = end.div_ceil(PAGE) * PAGE;
     }
-    Ok(Kernel {
-        segments,
-        entry,
-        modules: placed,
-    })
+    Ok(Kernel { segments, entry, modules: placed })
 }
 
 /// Flag 16: header_addr, load_addr, load_end_addr, bss_end_addr, entry_addr.
@@ -192,16 +167,12 @@ fn address_fields(image: &[u8], off: usize, f: [u32; 5]) -> Result<(Vec<Segment>
         image.len() as u64
     } else {
         if load_end_addr < load_addr {
-            return Err(format!(
-                "Multiboot load_end_addr {load_end_addr:#x} is below load_addr {load_addr:#x}"
-            ));
+            return Err(format!("Multiboot load_end_addr {load_end_addr:#x} is below load_addr {load_addr:#x}"));
         }
         start + (load_end_addr - load_addr)
     };
     if file_end > image.len() as u64 {
-        return Err(format!(
-            "Multiboot load_end_addr {load_end_addr:#x} reaches past the end of the file"
-        ));
+        return Err(format!("Multiboot load_end_addr {load_end_addr:#x} reaches past the end of the file"));
     }
     let filesz = file_end - start;
     let mut memsz = filesz;
@@ -214,12 +185,7 @@ fn address_fields(image: &[u8], off: usize, f: [u32; 5]) -> Result<(Vec<Segment>
         }
         memsz = bss_end_addr - load_addr;
     }
-    let seg = Segment {
-        paddr: load_addr,
-        offset: start as usize,
-        filesz: filesz as usize,
-        memsz,
-    };
+    let seg = Segment { paddr: load_addr, offset: start as usize, filesz: filesz as usize, memsz };
     Ok((vec![seg], entry_addr as u32))
 }
 
@@ -228,7 +194,10 @@ fn address_fields(image: &[u8], off: usize, f: [u32; 5]) -> Result<(Vec<Segment>
 /// (as GRUB 2 accepts) works too if everything lies below 4 GiB.
 fn elf_segments(image: &[u8]) -> Result<(Vec<Segment>, u32), String> {
     if !elf::is_elf(image) {
-        return Err("the Multiboot header has no address fields (flag 16), so the kernel must be an ELF file, and it is not".into());
+        return Err(
+            "the Multiboot header has no address fields (flag 16), so the kernel must be an ELF file, and it is not"
+                .into(),
+        );
     }
     let info = elf::parse(image).ok_or("malformed ELF program headers")?;
     let want = match info.class {
@@ -249,25 +218,16 @@ fn elf_segments(image: &[u8]) -> Result<(Vec<Segment>, u32), String> {
                 p.filesz, p.memsz
             ));
         }
-        let in_file = p
-            .offset
-            .checked_add(p.filesz)
-            .is_some_and(|e| e <= image.len() as u64);
+        let in_file = p.offset.checked_add(p.filesz).is_some_and(|e| e <= image.len() as u64);
         if !in_file {
             return Err(format!("ELF segment {i} reaches past the end of the file"));
         }
-        segs.push(Segment {
-            paddr: p.paddr,
-            offset: p.offset as usize,
-            filesz: p.filesz as usize,
-            memsz: p.memsz,
-        });
+        segs.push(Segment { paddr: p.paddr, offset: p.offset as usize, filesz: p.filesz as usize, memsz: p.memsz });
     }
     if segs.is_empty() {
         return Err("the ELF file has no loadable segment".into());
     }
-    let entry = u32::try_from(info.entry)
-        .map_err(|_| format!("entry point {:#x} is above 4 GiB", info.entry))?;
+    let entry = u32::try_from(info.entry).map_err(|_| format!("entry point {:#x} is above 4 GiB", info.entry))?;
     Ok((segs, entry))
 }
 
@@ -346,11 +306,9 @@ pub fn load(
 
     // Memory map: each entry is preceded by its size (20).
     let mut mmap = Vec::new();
-    for (base, len, kind) in [
-        (0, LOWMEM_END, 1u32),
-        (LOWMEM_END, 0x10_0000 - LOWMEM_END, 2),
-        (HIMEM_START, mem_size - HIMEM_START, 1),
-    ] {
+    for (base, len, kind) in
+        [(0, LOWMEM_END, 1u32), (LOWMEM_END, 0x10_0000 - LOWMEM_END, 2), (HIMEM_START, mem_size - HIMEM_START, 1)]
+    {
         mmap.extend_from_slice(&20u32.to_le_bytes());
         mmap.extend_from_slice(&base.to_le_bytes());
         mmap.extend_from_slice(&len.to_le_bytes());
@@ -361,10 +319,7 @@ pub fn load(
 
     let mut mbi = [0u8; MBI_SIZE];
     let mut set = |off: usize, v: u32| mbi[off..off + 4].copy_from_slice(&v.to_le_bytes());
-    set(
-        0,
-        MBI_MEM | MBI_CMDLINE | MBI_MODS | MBI_MMAP | MBI_LOADER_NAME,
-    );
+    set(0, MBI_MEM | MBI_CMDLINE | MBI_MODS | MBI_MMAP | MBI_LOADER_NAME);
     set(4, (LOWMEM_END >> 10) as u32);
     set(8, ((mem_size - HIMEM_START) >> 10) as u32);
     set(16, CMDLINE_ADDR as u32);
@@ -431,23 +386,12 @@ mod test {
 
     #[test]
     fn modules_are_page_aligned_after_the_kernel() {
-        let mods = vec![
-            Module {
-                string: "a".into(),
-                data: vec![1; 10],
-            },
-            Module {
-                string: "b".into(),
-                data: vec![2; 5000],
-            },
-        ];
+        let mods =
+            vec![Module { string: "a".into(), data: vec![1; 10] }, Module { string: "b".into(), data: vec![2; 5000] }];
         let k = prepare(&aout(F_PAGE_ALIGN, 4096), "k", 64 << 20, mods).unwrap();
         assert_eq!(k.modules[0].0, 0x20_0000);
         assert_eq!(k.modules[1].0, 0x20_1000);
-        let big = vec![Module {
-            string: "big".into(),
-            data: vec![0; 3 << 20],
-        }];
+        let big = vec![Module { string: "big".into(), data: vec![0; 3 << 20] }];
         assert!(prepare(&aout(0, 4096), "k", 4 << 20, big).is_err());
     }
 
@@ -464,11 +408,7 @@ mod test {
         for v in [1u32, 0, 0x10_0000, 0x10_0000, 128, 0x2000, 7, 4096] {
             f.extend_from_slice(&v.to_le_bytes());
         }
-        for v in [
-            HEADER_MAGIC,
-            flags,
-            0u32.wrapping_sub(HEADER_MAGIC).wrapping_sub(flags),
-        ] {
+        for v in [HEADER_MAGIC, flags, 0u32.wrapping_sub(HEADER_MAGIC).wrapping_sub(flags)] {
             f.extend_from_slice(&v.to_le_bytes());
         }
         f.resize(128, 0x90);
@@ -509,10 +449,7 @@ mod test {
                 img.truncate(next() as usize % img.len());
             }
             let _ = elf::has_pvh_note(&img);
-            let mods = vec![Module {
-                string: "m".into(),
-                data: vec![1; 100],
-            }];
+            let mods = vec![Module { string: "m".into(), data: vec![1; 100] }];
             if let Ok(k) = prepare(&img, "k", 8 << 20, mods) {
                 load(&k, &mem, &img, "c", 8 << 20).unwrap();
                 loaded += 1;

@@ -39,8 +39,7 @@ pub fn check_elf(image: &[u8], what: &str, mem_size: u64) -> Result<(), Error> {
             "{what} is not a 64-bit little-endian x86-64 ELF (PVH kernels are ELF64 here)"
         )));
     }
-    let end = elf_extent(image)
-        .ok_or_else(|| Error::Config(format!("{what} has malformed program headers")))?;
+    let end = elf_extent(image).ok_or_else(|| Error::Config(format!("{what} has malformed program headers")))?;
     let need = end.div_ceil(2 << 20) * (2 << 20) + MIN_FREE;
     if need > mem_size {
         return Err(Error::Config(format!(
@@ -78,27 +77,16 @@ fn elf_extent(image: &[u8]) -> Option<u64> {
     Some(end)
 }
 
-pub fn load_pvh(
-    mem: &GuestMemoryMmap,
-    image: &[u8],
-    what: &str,
-    cmdline: &str,
-    mem_size: u64,
-) -> Result<Entry, Error> {
+pub fn load_pvh(mem: &GuestMemoryMmap, image: &[u8], what: &str, cmdline: &str, mem_size: u64) -> Result<Entry, Error> {
     check_elf(image, what, mem_size)?;
-    let res: KernelLoaderResult = Elf::load(
-        mem,
-        None,
-        &mut Cursor::new(image),
-        Some(GuestAddress(HIMEM_START)),
-    )
-    .map_err(|e| Error::Config(format!("cannot load {what}: {e}")))?;
+    let res: KernelLoaderResult = Elf::load(mem, None, &mut Cursor::new(image), Some(GuestAddress(HIMEM_START)))
+        .map_err(|e| Error::Config(format!("cannot load {what}: {e}")))?;
     let entry = match res.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(a) => a.0,
         _ => {
             return Err(Error::Config(format!(
-            "{what} has no PVH entry note (an ELF note 'Xen' of type 18, XEN_ELFNOTE_PHYS32_ENTRY)"
-        )))
+                "{what} has no PVH entry note (an ELF note 'Xen' of type 18, XEN_ELFNOTE_PHYS32_ENTRY)"
+            )))
         }
     };
 
@@ -108,18 +96,8 @@ pub fn load_pvh(
         .map_err(|e| Error::Crash(format!("cannot write the command line: {e}")))?;
 
     let memmap = [
-        hvm_memmap_table_entry {
-            addr: 0,
-            size: LOWMEM_END,
-            type_: E820_RAM,
-            reserved: 0,
-        },
-        hvm_memmap_table_entry {
-            addr: HIMEM_START,
-            size: mem_size - HIMEM_START,
-            type_: E820_RAM,
-            reserved: 0,
-        },
+        hvm_memmap_table_entry { addr: 0, size: LOWMEM_END, type_: E820_RAM, reserved: 0 },
+        hvm_memmap_table_entry { addr: HIMEM_START, size: mem_size - HIMEM_START, type_: E820_RAM, reserved: 0 },
     ];
     let start_info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC,
@@ -133,10 +111,7 @@ pub fn load_pvh(
     params.set_sections(&memmap, GuestAddress(MEMMAP_ADDR));
     PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)
         .map_err(|e| Error::Crash(format!("cannot write the PVH start info: {e}")))?;
-    Ok(Entry {
-        pvh_entry: entry,
-        start_info: START_INFO_ADDR,
-    })
+    Ok(Entry { pvh_entry: entry, start_info: START_INFO_ADDR })
 }
 
 /// PVH entry state: 32-bit protected mode, paging off, flat segments,

@@ -27,11 +27,7 @@ pub struct FwCfg {
 
 impl FwCfg {
     pub fn new(nr_cpus: u32, ram_size: u64) -> Self {
-        FwCfg {
-            nr_cpus,
-            ram_size,
-            cur: Mutex::new((Vec::new(), 0)),
-        }
+        FwCfg { nr_cpus, ram_size, cur: Mutex::new((Vec::new(), 0)) }
     }
 
     /// The bytes of item `key` (empty for unknown keys).
@@ -40,9 +36,7 @@ impl FwCfg {
             KEY_SIGNATURE => b"QEMU".to_vec(),
             KEY_ID => ID_TRADITIONAL.to_le_bytes().to_vec(),
             KEY_RAM_SIZE => self.ram_size.to_le_bytes().to_vec(),
-            KEY_NB_CPUS | KEY_MAX_CPUS => (self.nr_cpus.min(u16::MAX as u32) as u16)
-                .to_le_bytes()
-                .to_vec(),
+            KEY_NB_CPUS | KEY_MAX_CPUS => (self.nr_cpus.min(u16::MAX as u32) as u16).to_le_bytes().to_vec(),
             // A directory with no files: a big-endian count of 0.
             KEY_FILE_DIR => 0u32.to_be_bytes().to_vec(),
             _ => Vec::new(),

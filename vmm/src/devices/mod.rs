@@ -100,10 +100,7 @@ mod test {
     #[test]
     fn routes_exits_and_claims() {
         let pc = Pc::new(2, 64 << 20);
-        assert_eq!(
-            pc.write(DEBUG_EXIT_PORT, &7u32.to_le_bytes()),
-            PioOut::Exit(7)
-        );
+        assert_eq!(pc.write(DEBUG_EXIT_PORT, &7u32.to_le_bytes()), PioOut::Exit(7));
         assert_eq!(pc.write(DEBUG_EXIT_PORT, &[200]), PioOut::Exit(1));
         assert_eq!(pc.write(0x1234, &[0]), PioOut::Unclaimed);
         let mut out = PioOut::Done;

@@ -28,10 +28,7 @@ pub struct Serial {
 
 impl Serial {
     pub fn new(out: Box<dyn Write + Send>) -> Self {
-        Serial {
-            regs: Mutex::new([0; 8]),
-            out: Mutex::new(out),
-        }
+        Serial { regs: Mutex::new([0; 8]), out: Mutex::new(out) }
     }
 
     pub fn write(&self, port: u16, v: u8) {
