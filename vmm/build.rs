@@ -17,6 +17,9 @@ fn main() {
     let dst = out.join("vkvm-guest.elf");
     std::fs::copy(&elf, &dst).expect("copy guest ELF");
     println!("cargo:rustc-env=VKVM_GUEST_ELF={}", dst.display());
+    let dst32 = out.join("vkvm-guest32.elf");
+    make_elf32(&dst, &dst32);
+    println!("cargo:rustc-env=VKVM_GUEST32_ELF={}", dst32.display());
     build_firmware(&manifest, &out);
 }
 
@@ -34,6 +37,43 @@ fn build_firmware(manifest: &Path, out: &Path) {
     let len = std::fs::metadata(&dst).expect("firmware image").len();
     assert_eq!(len, 0x1_0000, "firmware image is {len} bytes, not 64 KiB");
     println!("cargo:rustc-env=VKVM_FIRMWARE_BIN={}", dst.display());
+}
+
+/// The Multiboot image of the same guest: Multiboot v1 loaders (QEMU's
+/// `-kernel` on the pc machine among them) take ELF32 only, so the ELF64 is
+/// converted as kvm-unit-tests does it, with `objcopy -O elf32-i386`. The
+/// code is unchanged: its entry stub is 32-bit, everything else runs after
+/// it has switched to long mode.
+fn make_elf32(elf64: &Path, elf32: &Path) {
+    println!("cargo:rerun-if-env-changed=OBJCOPY");
+    let objcopy = std::env::var("OBJCOPY").unwrap_or_else(|_| "objcopy".into());
+    let status = Command::new(&objcopy).args(["-O", "elf32-i386"]).arg(elf64).arg(elf32).status().unwrap_or_else(|e| {
+        panic!(
+            "cannot run '{objcopy}' ({e}): vkvm's build needs objcopy from GNU binutils to make \
+                 the Multiboot (ELF32) guest; install binutils (e.g. apt-get install binutils) or set OBJCOPY"
+        )
+    });
+    assert!(status.success(), "'{objcopy} -O elf32-i386' failed on {}", elf64.display());
+    wake_multiboot_header(elf32);
+}
+
+/// The guest carries its Multiboot header with the magic inverted, so that
+/// QEMU does not see a Multiboot header in the ELF64 (it would refuse the
+/// ELF64 instead of booting it by PVH). Give the ELF32 the real magic.
+fn wake_multiboot_header(elf32: &Path) {
+    const MAGIC: u32 = 0x1bad_b002;
+    const FLAGS: u32 = 1 << 1; // guest/src/boot.rs MB_FLAGS
+    let mut pattern = Vec::new();
+    for w in [!MAGIC, FLAGS, 0u32.wrapping_sub(MAGIC).wrapping_sub(FLAGS)] {
+        pattern.extend_from_slice(&w.to_le_bytes());
+    }
+    let mut img = std::fs::read(elf32).expect("read the ELF32 guest");
+    let at = (0..img.len().min(8192).saturating_sub(12))
+        .step_by(4)
+        .find(|&o| img[o..o + 12] == pattern[..])
+        .expect("the guest's dormant Multiboot header is not in the first 8 KiB of the ELF32");
+    img[at..at + 4].copy_from_slice(&MAGIC.to_le_bytes());
+    std::fs::write(elf32, img).expect("write the ELF32 guest");
 }
 
 /// Run `cargo build --release` in `dir` (whose .cargo/config.toml carries the

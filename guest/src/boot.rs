@@ -1,5 +1,6 @@
-//! PVH entry (32-bit protected mode, paging off) to 64-bit long mode, then
-//! `kmain`. Everything here runs in ring 0, which the hosts here emulate at
+//! PVH and Multiboot v1 entries (32-bit protected mode, paging off) to
+//! 64-bit long mode, then `kmain`; and the 16-bit trampoline that brings an
+//! AP started by INIT/SIPI into the same path. Everything here runs in ring 0, which the hosts here emulate at
 //! about 1 µs per instruction, so it does as little as possible: the page
 //! tables are static data (4 GiB identity map with 2 MiB pages, user
 //! accessible) and every CPU takes a ticket to pick its stacks.
@@ -21,12 +22,45 @@ global_asm!(
     .long pvh_start32
 
     .section .text.boot, "ax"
+    /* Multiboot v1 header: first in the image, so within the first 8 KiB
+     * of the file. Flags: bit 1, memory information. No address fields:
+     * loaders use the ELF32 program headers. The magic is stored inverted
+     * ("dormant"): QEMU tries Multiboot before PVH and refuses a Multiboot
+     * ELF64, so only the ELF32 that vmm/build.rs makes gets the real magic
+     * (build.rs flips it there). */
+    .p2align 2
+multiboot_header:
+    .long ~{mb_magic}
+    .long {mb_flags}
+    .long -({mb_magic} + {mb_flags})
+
     .code32
+    .global mb_start32
+mb_start32:
+    cli
+    cld
+    cmpl ${mb_boot_magic}, %eax
+    jne 9f
+    movl %ebx, %edi                 /* Multiboot information */
+    movl $1, boot_protocol
+    jmp common32
+
     .global pvh_start32
 pvh_start32:
     cli
     cld
     movl %ebx, %edi                 /* hvm_start_info (PVH: in ebx) */
+    jmp common32
+
+    /* An AP after the trampoline: flat 32-bit segments, no boot info. */
+ap_start32:
+    movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    xorl %edi, %edi
+
+common32:
     movl $1, %eax
     lock xaddl %eax, cpu_ticket
     cmpl ${max_cpus}, %eax
@@ -110,6 +144,35 @@ gdt_ptr:
     .p2align 2
 cpu_ticket:
     .long 0
+    .global boot_protocol
+boot_protocol:
+    .long 0                         /* 0 PVH, 1 Multiboot */
+
+    /* Real-mode AP trampoline, copied to AP_TRAMPOLINE by the BSP; a SIPI
+     * starts the AP here with CS = AP_TRAMPOLINE >> 4, IP = 0. It loads a
+     * GDT of its own (the kernel's code segment is 64-bit), turns on
+     * protection and jumps to ap_start32. Real-mode code is emulated on
+     * PVM hosts: it stays a handful of instructions. */
+    .section .rodata.trampoline, "a"
+    .code16
+    .global ap_tramp_start, ap_tramp_end
+ap_tramp_start:
+    cli
+    lgdtl %cs:(ap_tramp_gdtr - ap_tramp_start)
+    movl %cr0, %eax
+    orl $1, %eax
+    movl %eax, %cr0
+    ljmpl $0x08, $ap_start32
+    .p2align 3
+ap_tramp_gdt:
+    .quad 0
+    .quad 0x00cf9a000000ffff        /* 0x08 code 32 */
+    .quad 0x00cf92000000ffff        /* 0x10 data */
+ap_tramp_gdtr:
+    .word 23
+    .long {tramp} + (ap_tramp_gdt - ap_tramp_start)
+ap_tramp_end:
+    .code64
 
     .section .bss.stacks, "aw", @nobits
     .p2align 12
@@ -119,8 +182,64 @@ boot_stacks:
 "#,
     max_cpus = const MAX_CPUS,
     kstack = const KSTACK_SIZE,
+    mb_magic = const 0x1bad_b002u32,
+    mb_flags = const MB_FLAGS,
+    mb_boot_magic = const 0x2bad_b002u32,
+    tramp = const AP_TRAMPOLINE,
     options(att_syntax)
 );
+
+/// Multiboot header flags: bit 1, memory information (vmm/build.rs, which
+/// finds the header by them, has the same value).
+const MB_FLAGS: u32 = 1 << 1;
+/// Where the BSP copies the real-mode AP trampoline (the SIPI vector is
+/// this >> 12). Below 1 MiB, clear of vkvm's boot data (0x6000-0x7fff,
+/// 0x20000-0x2ffff) and QEMU's (0x9000 and up).
+pub const AP_TRAMPOLINE: u64 = 0x8000;
+
+/// The protocol the BSP was started with.
+pub fn booted_by_multiboot() -> bool {
+    extern "C" {
+        static boot_protocol: u32;
+    }
+    // SAFETY: written once by the entry stub before any Rust code runs.
+    unsafe { core::ptr::addr_of!(boot_protocol).read_volatile() == 1 }
+}
+
+/// Ring 0, BSP, Multiboot boots only: start every other CPU as on a PC.
+/// Copy the trampoline below 1 MiB, enable the xAPIC, and broadcast INIT
+/// then SIPI (twice, as the MP specification asks) to all but ourselves.
+/// Each AP then takes a ticket in the entry path like a PVH-started one.
+/// KVM needs no delays between the steps; a physical machine would.
+pub fn start_aps() {
+    extern "C" {
+        static ap_tramp_start: u8;
+        static ap_tramp_end: u8;
+    }
+    const LAPIC: u64 = 0xfee0_0000;
+    const SVR: u64 = 0xf0;
+    const ICR_LOW: u64 = 0x300;
+    const ICR_HIGH: u64 = 0x310;
+    const ALL_BUT_SELF: u32 = 3 << 18;
+    const ASSERT: u32 = 1 << 14;
+    const INIT: u32 = 5 << 8;
+    const STARTUP: u32 = 6 << 8;
+    // SAFETY: ring 0 with the identity map: the trampoline target is free
+    // low RAM, and the LAPIC registers are at their architectural address.
+    unsafe {
+        let start = core::ptr::addr_of!(ap_tramp_start);
+        let len = core::ptr::addr_of!(ap_tramp_end) as usize - start as usize;
+        core::ptr::copy_nonoverlapping(start, AP_TRAMPOLINE as *mut u8, len);
+        let reg = |r: u64| (LAPIC + r) as *mut u32;
+        reg(SVR).write_volatile(0x1ff); // software enable, spurious vector 0xff
+        reg(ICR_HIGH).write_volatile(0);
+        reg(ICR_LOW).write_volatile(ALL_BUT_SELF | ASSERT | INIT);
+        for _ in 0..2 {
+            reg(ICR_HIGH).write_volatile(0);
+            reg(ICR_LOW).write_volatile(ALL_BUT_SELF | ASSERT | STARTUP | (AP_TRAMPOLINE >> 12) as u32);
+        }
+    }
+}
 
 /// Address of the stack top the entry stub gave `cpu` (its ring-0 stack).
 pub fn kernel_stack_top(cpu: usize) -> u64 {

@@ -30,6 +30,9 @@ extern "C" fn kmain(start_info: u64, cpu: u64) -> ! {
     if cpu == 0 {
         START_INFO.store(start_info, Ordering::Relaxed);
         tests::kernel_touch_at_boot(start_info);
+        if boot::booted_by_multiboot() {
+            boot::start_aps();
+        }
     }
     arch::init_and_enter_user(cpu as usize, user_entry)
 }

@@ -25,6 +25,10 @@ pub fn inb(port: u16) -> u8 {
     unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack)) };
     v
 }
+pub fn outw(port: u16, v: u16) {
+    // SAFETY: as above.
+    unsafe { asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack)) };
+}
 pub fn outl(port: u16, v: u32) {
     // SAFETY: as above; `memory` because a hypercall reads and writes its block.
     unsafe { asm!("out dx, eax", in("dx") port, in("eax") v, options(nostack)) };
@@ -49,6 +53,36 @@ pub fn cpuid(leaf: u32) -> [u32; 4] {
              inout("eax") leaf => a, inout("ecx") 0 => c, out("edx") d, options(nomem, nostack));
     }
     [a, b, c, d]
+}
+
+/// QEMU's fw_cfg, legacy I/O interface (vkvm has the same).
+pub mod fw_cfg {
+    pub const SIGNATURE: u16 = 0x0000;
+    pub const ID: u16 = 0x0001;
+    pub const RAM_SIZE: u16 = 0x0003;
+    pub const NB_CPUS: u16 = 0x0005;
+    pub const MAX_CPUS: u16 = 0x000f;
+    pub const FILE_DIR: u16 = 0x0019;
+
+    /// Select `key` and read the first `buf.len()` bytes of it.
+    pub fn read(key: u16, buf: &mut [u8]) {
+        super::outw(0x510, key);
+        for b in buf.iter_mut() {
+            *b = super::inb(0x511);
+        }
+    }
+    /// The first 8 bytes of `key`, little-endian.
+    pub fn read_u64(key: u16) -> u64 {
+        let mut b = [0u8; 8];
+        read(key, &mut b);
+        u64::from_le_bytes(b)
+    }
+    /// Whether fw_cfg is there at all (its signature reads "QEMU").
+    pub fn present() -> bool {
+        let mut b = [0u8; 4];
+        read(SIGNATURE, &mut b);
+        &b == b"QEMU"
+    }
 }
 
 /// Probe for vkvm: its hypercall port answers with a magic value.

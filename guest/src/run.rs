@@ -15,6 +15,11 @@ const ARENA_ALIGN: u64 = 2 << 20;
 const MIN_ARENA_START: u64 = 4 << 20;
 
 static NCPUS: AtomicUsize = AtomicUsize::new(1);
+/// APs that reached ring 3 (each counts itself once).
+static ARRIVED: AtomicUsize = AtomicUsize::new(0);
+/// How long the BSP waits for the APs, in TSC cycles (seconds at any
+/// plausible TSC rate; APs normally arrive within milliseconds).
+const AP_WAIT_CYCLES: u64 = 20_000_000_000;
 static EPOCH: AtomicU64 = AtomicU64::new(0);
 static TEST_IDX: AtomicUsize = AtomicUsize::new(0);
 static FINISHED: AtomicU64 = AtomicU64::new(0);
@@ -32,16 +37,42 @@ pub fn main(cpu: usize, start_info: u64) -> ! {
     }
     let vkvm = platform::detect();
     let image_end = core::ptr::addr_of!(__image_end) as u64;
-    let bi = bootinfo::parse(start_info, image_end);
-    let ncpus = if vkvm { (hypercall(0, abi::nr::NR_VCPUS, &[]).max(1) as usize).min(MAX_CPUS) } else { 1 };
+    let multiboot = crate::boot::booted_by_multiboot();
+    let bi = if multiboot {
+        bootinfo::parse_multiboot(start_info, image_end)
+    } else {
+        bootinfo::parse(start_info, image_end)
+    };
+    // The CPU count: vkvm's hypercall; on another VMM fw_cfg, but only
+    // after a Multiboot boot, where the BSP started the APs by INIT/SIPI
+    // (a PVH boot elsewhere leaves them waiting for a SIPI nobody sends).
+    let want = if vkvm {
+        hypercall(0, abi::nr::NR_VCPUS, &[]).max(1) as usize
+    } else if multiboot && platform::fw_cfg::present() {
+        platform::fw_cfg::read_u64(platform::fw_cfg::NB_CPUS).max(1) as usize
+    } else {
+        1
+    }
+    .min(MAX_CPUS);
+    let ncpus = wait_for_aps(want);
     NCPUS.store(ncpus, Ordering::Relaxed);
 
     let mut l = Line::new();
     l.s("vkvm-guest 0.1 (hypercall ABI v").dec(abi::ABI_VERSION as u64).s("): long mode, ring 3, ");
     l.s(if vkvm { "on vkvm" } else { "on another VMM" }).s(", ");
     l.dec(bi.ram_end >> 20).s(" MiB RAM, ").dec(ncpus as u64).s(" cpu(s), cmdline '");
-    l.bytes(bi.cmdline).s("'\n");
+    l.bytes(bi.cmdline).s("'");
+    if multiboot {
+        l.s(" via multiboot, ").dec(bi.modules as u64).s(" module(s)");
+    }
+    l.s("\n");
     platform::serial_write(l.as_bytes());
+    if ncpus < want {
+        l.clear();
+        l.s("guest: only ").dec(ncpus as u64).s(" of ").dec(want as u64).s(" cpus started; running on those\n");
+        console_write(0, l.as_bytes());
+        FAILED.store(true, Ordering::Relaxed);
+    }
 
     let ctx = Ctx::from_cmdline(bi.cmdline, arena(image_end), bi.ram_end, ncpus);
     let mut n = 0;
@@ -90,6 +121,19 @@ pub fn main(cpu: usize, start_info: u64) -> ! {
     platform::exit(0, if failed { abi::STATUS_FAIL } else { abi::STATUS_PASS })
 }
 
+/// Wait until `want - 1` APs have checked in, or give up after a while;
+/// returns the number of CPUs that will run tests.
+fn wait_for_aps(want: usize) -> usize {
+    let t0 = platform::rdtsc();
+    while ARRIVED.load(Ordering::Acquire) + 1 < want {
+        if platform::rdtsc().wrapping_sub(t0) > AP_WAIT_CYCLES {
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    (ARRIVED.load(Ordering::Acquire) + 1).min(want)
+}
+
 fn arena(image_end: u64) -> u64 {
     (image_end.div_ceil(ARENA_ALIGN) * ARENA_ALIGN).max(MIN_ARENA_START)
 }
@@ -103,6 +147,7 @@ fn say_hello(cpu: usize) {
 
 fn ap_main(cpu: usize) -> ! {
     platform::detect();
+    ARRIVED.fetch_add(1, Ordering::Release);
     let mut seen = 0;
     let mut said_hello = false;
     loop {
@@ -115,7 +160,8 @@ fn ap_main(cpu: usize) -> ! {
             say_hello(cpu);
             said_hello = true;
         }
-        if e == STOP {
+        // STOP, or an AP that came up after the BSP stopped waiting.
+        if e == STOP || cpu >= NCPUS.load(Ordering::Relaxed) {
             break;
         }
         seen = e;

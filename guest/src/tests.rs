@@ -31,6 +31,7 @@ pub static ALL: &[Test] = &[
     t("smp-storm", "every CPU writes its own word of every shared page in a seeded order, then verifies", true, smp_storm),
     t("file-map", "FNV-1a of every --map-file region; writes by mode (ro must fault)", false, file_map),
     t("kernel-touch", "ring 0 touched fresh pages at boot (exit delivery); ring 3 checks them", false, kernel_touch),
+    t("fw-cfg", "read QEMU's fw_cfg (signature, id, cpus, RAM size, files) and report it", false, fw_cfg),
     t("bad-hypercall", "hostile hypercall arguments get error codes", false, bad_hypercall),
     t("crash", "ring-3 access to an unmapped address: the kernel reports a crash", false, crash),
     t("triple-fault", "wreck the IDT and fault: the VM shuts down", false, triple_fault),
@@ -354,6 +355,29 @@ fn bad_hypercall(ctx: &Ctx) -> Outcome {
         }
     }
     out.count("checks", checks.len() as u64);
+    out
+}
+
+fn fw_cfg(ctx: &Ctx) -> Outcome {
+    use platform::fw_cfg::{self as f, read_u64};
+    let mut out = Outcome::new();
+    let mut sig = [0u8; 4];
+    f::read(f::SIGNATURE, &mut sig);
+    let mut dir = [0u8; 4];
+    f::read(f::FILE_DIR, &mut dir);
+    let nb = read_u64(f::NB_CPUS) & 0xffff;
+    out.count("signature_ok", (&sig == b"QEMU") as u64)
+        .count("id", read_u64(f::ID) & 0xffff_ffff)
+        .count("nb_cpus", nb)
+        .count("max_cpus", read_u64(f::MAX_CPUS) & 0xffff)
+        .count("ram_mib", read_u64(f::RAM_SIZE) >> 20)
+        .count("files", u32::from_be_bytes(dir) as u64)
+        .count("unknown_key", read_u64(0x7ff0));
+    if &sig != b"QEMU" {
+        out.fail().s("fw_cfg signature is not QEMU: ").bytes(&sig);
+    } else if nb as usize != ctx.ncpus {
+        out.fail().s("fw_cfg NB_CPUS ").dec(nb).s(" but ").dec(ctx.ncpus as u64).s(" cpus run");
+    }
     out
 }
 

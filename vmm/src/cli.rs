@@ -9,7 +9,7 @@ use std::path::PathBuf;
     name = "vkvm",
     version,
     about = "A KVM VMM whose guest memory is run like the BSD VM system",
-    long_about = "vkvm boots a tiny guest kernel (bundled, or any PVH ELF) on KVM.\n\n\
+    long_about = "vkvm boots a tiny guest kernel (bundled, any PVH ELF, or a Multiboot v1 kernel) on KVM.\n\n\
 Exit status: the guest's own status (0 pass, 1 a test failed), 2 usage or configuration error, 3 VMM or guest crash."
 )]
 pub struct Cli {
@@ -72,6 +72,9 @@ pub enum Command {
         /// Where to write the ELF.
         #[arg(short, long)]
         output: PathBuf,
+        /// pvh: the ELF64 with a PVH note; multiboot: the ELF32 for Multiboot loaders.
+        #[arg(long, value_enum, default_value_t = crate::guest_image::Format::Pvh)]
+        format: crate::guest_image::Format,
     },
     /// Write the bundled firmware ROM (64 KiB, flat, loaded at 0xFFFF0000).
     Firmware {
@@ -90,7 +93,7 @@ pub enum FaultDelivery {
 
 #[derive(Args, Clone, Debug)]
 pub struct RunArgs {
-    /// A PVH ELF to boot instead of the bundled guest.
+    /// A kernel to boot instead of the bundled guest: a PVH ELF or a Multiboot v1 kernel.
     pub guest: Option<PathBuf>,
     /// Guest RAM: bytes, or with a K, M or G suffix; a multiple of 4 KiB, at most 3G.
     #[arg(short, long, default_value = "256M", value_parser = parse_size)]
@@ -127,8 +130,13 @@ pub struct RunArgs {
     /// Swap file (created; default: an unlinked temporary file).
     #[arg(long, value_name = "PATH")]
     pub swap: Option<PathBuf>,
-    /// How to enter the guest: auto (alias: direct) detects the protocol from the image;
-    /// firmware starts at the reset vector and boots through the bundled firmware.
+    /// A Multiboot module: a file and its string (default: the path);
+    /// repeatable, loaded page-aligned after the kernel in the order given.
+    #[arg(long, value_name = "PATH[,STRING]")]
+    pub module: Vec<String>,
+    /// How to enter the guest: auto (alias: direct) detects the protocol from
+    /// the image (a PVH note, then a Multiboot header); firmware starts at the
+    /// reset vector and boots through the bundled firmware.
     #[arg(long, value_enum, default_value_t = crate::boot::BootMode::Auto)]
     pub boot: crate::boot::BootMode,
     /// Test only: spoil the firmware boot info (missing, version, size,

@@ -38,7 +38,7 @@ fn main() -> ExitCode {
         }
         cli::Command::Torture { tests, seed, json, run, .. } => torture::command(&run, &tests, seed, json.as_deref()),
         cli::Command::Profile { mut run, out } => profile::command(&mut run, &out),
-        cli::Command::Guest { output } => guest_image::write(&output).map(|()| 0),
+        cli::Command::Guest { output, format } => guest_image::write(&output, format).map(|()| 0),
         cli::Command::Firmware { output } => std::fs::write(&output, boot::firmware::ROM)
             .map(|()| 0)
             .map_err(Error::io(format!("cannot write {}", output.display()))),

@@ -2,7 +2,7 @@
 
 use crate::abi;
 use crate::boot::firmware;
-use crate::devices::{self, COM1_BASE, COM1_END, DEBUG_EXIT_PORT};
+use crate::devices::{PioOut, COM1_BASE, COM1_END};
 use crate::exit::Reason;
 use crate::fault::GuestFault;
 use crate::hypercall::{self, Action};
@@ -27,6 +27,7 @@ pub fn run(shared: Arc<Shared>, mut vcpu: VcpuFd, id: u32) {
         let returned = recorder.map(|_| Instant::now());
         let (reason, action) = match result {
             Ok(exit) => handle_exit(&shared, id, exit),
+            // EAGAIN: KVM returns it once when an AP leaves wait-for-SIPI.
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 shared.stats.exits.count(Reason::Interrupted);
                 (Reason::Interrupted, inject_pending(&shared, &vcpu, id))
@@ -157,18 +158,14 @@ fn io_out(shared: &Shared, id: u32, port: u16, data: &[u8]) -> Step {
                 None => debug!("vcpu {id}: firmware error port: {v:#x} is no firmware message"),
             }
         }
-        DEBUG_EXIT_PORT => {
-            let mut v = [0u8; 4];
-            let n = data.len().min(4);
-            v[..n].copy_from_slice(&data[..n]);
-            let v = u32::from_le_bytes(v);
-            eprintln!("vkvm: guest wrote {v} to the debug-exit port");
-            return Step::Stop(Outcome::Exit(devices::debug_exit_status(v)));
-        }
-        _ => {
-            shared.stats.exits.unhandled_pio.fetch_add(1, Ordering::Relaxed);
-            debug!("vcpu {id}: write to unclaimed port {port:#x} ignored");
-        }
+        _ => match shared.pc.write(port, data) {
+            PioOut::Done => {}
+            PioOut::Exit(s) => return Step::Stop(Outcome::Exit(s)),
+            PioOut::Unclaimed => {
+                shared.stats.exits.unhandled_pio.fetch_add(1, Ordering::Relaxed);
+                debug!("vcpu {id}: write to unclaimed port {port:#x} ignored");
+            }
+        },
     }
     Step::Continue
 }
@@ -181,6 +178,7 @@ fn io_in(shared: &Shared, port: u16, data: &mut [u8]) {
             data[0] = v;
         }
         abi::HC_PORT if data.len() == 4 => data.copy_from_slice(&abi::HC_PROBE_MAGIC.to_le_bytes()),
+        _ if shared.pc.read(port, data) => {}
         _ => {
             shared.stats.exits.unhandled_pio.fetch_add(1, Ordering::Relaxed);
             data.fill(0xff);

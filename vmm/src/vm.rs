@@ -3,7 +3,7 @@
 
 use crate::boot;
 use crate::cli::{FaultDelivery, RunArgs};
-use crate::devices::Serial;
+use crate::devices::{Pc, Serial};
 use crate::error::Error;
 use crate::fault::{DeliveryStats, GuestFault};
 use crate::guest_image;
@@ -58,6 +58,8 @@ pub struct Shared {
     /// Per vCPU: its thread and a refused access waiting to be injected.
     pub vcpus: Vec<VcpuSlot>,
     pub serial: Serial,
+    /// fw_cfg, PCI configuration ports, debug-exit and shutdown ports.
+    pub pc: Pc,
     pub stats: Stats,
     pub tests: Mutex<Vec<TestResult>>,
     pub nr_vcpus: u32,
@@ -169,9 +171,13 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
             std::fs::read(p).map_err(|e| Error::Config(format!("cannot read guest {}: {e}", p.display())))?,
             p.display().to_string(),
         ),
+        // `--boot multiboot` without a kernel: the bundled guest's ELF32.
+        None if args.boot == boot::BootMode::Multiboot => {
+            (guest_image::BUNDLED32.to_vec(), "the bundled guest (ELF32)".to_string())
+        }
         None => (guest_image::BUNDLED.to_vec(), "the bundled guest".to_string()),
     };
-    boot::check_elf(&image, &what, args.memory)?;
+    let plan = boot::prepare(&image, &what, args.boot, args.memory, &args.module)?;
     let kvm = open_kvm(&args.kvm_device)?;
     vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
         .map_err(|e| Error::Crash(format!("cannot install the vCPU kick signal handler: {e}")))?;
@@ -197,14 +203,18 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
         swap: args.swap.clone(),
     })?);
     register_memory(&vm, &ram)?;
+    create_irqchip(&vm)?;
     let cmdline = [args.cmdline.as_str(), &ram.guest_cmdline()].join(" ").trim().to_string();
-    let entry = boot::load_pvh(&ram, &image, &what, &cmdline)?;
+    let entry = boot::load(&plan, &ram, &image, &what, &cmdline)?;
     if args.prefault {
         ram.prefault_all()?;
     }
     let firmware = args.boot == boot::BootMode::Firmware;
     let rom = if firmware {
-        boot::firmware::write_boot_info(&ram, &entry, args.boot_info_corrupt)?;
+        let boot::Entry::Pvh(pvh) = &entry else {
+            return Err(Error::Config("--boot firmware enters PVH kernels only".into()));
+        };
+        boot::firmware::write_boot_info(&ram, pvh, args.boot_info_corrupt)?;
         Some(boot::firmware::map_rom(&kvm, &vm)?)
     } else {
         None
@@ -224,9 +234,9 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
         }
         vcpu.set_cpuid2(&c).map_err(Error::kvm("KVM_SET_CPUID2"))?;
         if firmware {
-            boot::firmware::setup_vcpu(&vcpu)?;
+            boot::firmware::setup_vcpu(&vcpu, id)?;
         } else {
-            boot::setup_vcpu(&vcpu, &entry)?;
+            boot::setup_vcpu(&vcpu, id, &entry)?;
         }
         vcpus.push(vcpu);
     }
@@ -237,6 +247,7 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
         delivery: Arc::new(DeliveryStats::default()),
         vcpus: (0..args.vcpus).map(|_| VcpuSlot::default()).collect(),
         serial: Serial::new(Box::new(std::io::stdout())),
+        pc: Pc::new(args.vcpus, args.memory),
         stats: Stats::default(),
         tests: Mutex::new(Vec::new()),
         nr_vcpus: args.vcpus,
@@ -248,10 +259,11 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
         exit_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::io("eventfd"))?,
     });
     info!(
-        "booting {what}: {} MiB, {} vcpu(s), entry {:#x}{}",
+        "booting {what} by {}: {} MiB, {} vcpu(s), entry {:#x}{}",
+        entry.protocol(),
         args.memory >> 20,
         args.vcpus,
-        entry.pvh_entry,
+        entry.address(),
         if firmware { " through the firmware" } else { "" }
     );
     let stop_faults = Arc::new(AtomicBool::new(false));
@@ -302,6 +314,19 @@ fn register_memory(vm: &VmFd, ram: &GuestRam) -> Result<(), Error> {
         // SAFETY: the view stays mapped for as long as the VM exists (GuestRam
         // lives in `Shared`, which outlives every vCPU).
         unsafe { vm.set_user_memory_region(r) }.map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
+/// KVM's in-kernel PC interrupt controllers (LAPIC per vCPU, IOAPIC, PIC)
+/// and PIT, before any vCPU exists: the LAPIC is what lets a kernel start
+/// its APs by INIT/SIPI. Without a PIT nothing is lost but a timer a
+/// kernel might calibrate against, so its failure only warns.
+fn create_irqchip(vm: &VmFd) -> Result<(), Error> {
+    vm.create_irq_chip().map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_bindings::kvm_pit_config::default();
+    if let Err(e) = vm.create_pit2(pit) {
+        warn!("no in-kernel PIT (KVM_CREATE_PIT2: {e}); continuing without one");
     }
     Ok(())
 }

@@ -104,7 +104,13 @@ pub fn map_rom(kvm: &Kvm, vm: &VmFd) -> Result<GuestMemoryMmap, Error> {
 
 /// Leave the vCPU in the reset state KVM gives a new vCPU; only if CS:IP is
 /// not the reset vector (it always is today) set those two explicitly.
-pub fn setup_vcpu(vcpu: &VcpuFd) -> Result<(), Error> {
+pub fn setup_vcpu(vcpu: &VcpuFd, id: u32) -> Result<(), Error> {
+    if id != 0 {
+        // With the in-kernel LAPIC an AP waits for INIT/SIPI; every vCPU
+        // runs the firmware from the reset vector here, so make it runnable.
+        let st = kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE };
+        vcpu.set_mp_state(st).map_err(Error::kvm("KVM_SET_MP_STATE"))?;
+    }
     let mut sregs = vcpu.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
     if sregs.cs.selector != RESET_CS_SELECTOR || sregs.cs.base != ROM_BASE {
         sregs.cs.selector = RESET_CS_SELECTOR;

@@ -3,9 +3,6 @@
 //! protected mode at the PVH entry with `ebx` pointing at the start info.
 
 use crate::error::Error;
-use crate::memory::GuestRam;
-use crate::pmap::Delivery;
-use kvm_bindings::{kvm_regs, kvm_segment};
 use kvm_ioctls::VcpuFd;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
@@ -83,16 +80,8 @@ fn elf_segments(image: &[u8]) -> Option<Vec<(u64, u64, u64)>> {
     Some(segs)
 }
 
-/// Load the kernel and the PVH boot data into guest RAM. linux-loader writes
-/// into a scratch vm-memory space (lazily allocated, never touched beyond the
-/// image); the bytes it wrote are then copied into the pager-backed RAM, so
-/// no guest page is populated except those the image and boot data occupy.
-pub fn load_pvh(ram: &GuestRam, image: &[u8], what: &str, cmdline: &str) -> Result<Entry, Error> {
-    let mem_size = ram.size;
+pub fn load_pvh(mem: &GuestMemoryMmap, image: &[u8], what: &str, cmdline: &str, mem_size: u64) -> Result<Entry, Error> {
     check_elf(image, what, mem_size)?;
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size as usize)])
-        .map_err(|e| Error::Crash(format!("cannot allocate scratch memory for loading: {e}")))?;
-    let mem = &mem;
     let res: KernelLoaderResult = Elf::load(mem, None, &mut Cursor::new(image), Some(GuestAddress(HIMEM_START)))
         .map_err(|e| Error::Config(format!("cannot load {what}: {e}")))?;
     let entry = match res.pvh_boot_cap {
@@ -125,67 +114,13 @@ pub fn load_pvh(ram: &GuestRam, image: &[u8], what: &str, cmdline: &str) -> Resu
     params.set_sections(&memmap, GuestAddress(MEMMAP_ADDR));
     PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)
         .map_err(|e| Error::Crash(format!("cannot write the PVH start info: {e}")))?;
-
-    let mut ranges = vec![
-        (START_INFO_ADDR, std::mem::size_of::<hvm_start_info>() as u64),
-        (MEMMAP_ADDR, std::mem::size_of_val(&memmap) as u64),
-        (CMDLINE_ADDR, bytes.len() as u64),
-    ];
-    let segs = elf_segments(image).ok_or_else(|| Error::Config(format!("{what} has malformed program headers")))?;
-    ranges.extend(segs.iter().map(|&(paddr, filesz, _)| (paddr, filesz)));
-    if ram.view.delivery() == Delivery::Exit {
-        // Natively run guest code (ring 3 here) cannot fault by exit: the
-        // image's own memory (stacks, .bss) must be present from the start.
-        for &(paddr, _, memsz) in &segs {
-            ram.populate(paddr, memsz)
-                .map_err(|e| Error::Crash(format!("cannot populate the image at {paddr:#x}: {e}")))?;
-        }
-    }
-    for (start, len) in ranges {
-        let mut buf = vec![0u8; len as usize];
-        mem.read_slice(&mut buf, GuestAddress(start))
-            .map_err(|e| Error::Crash(format!("cannot read back loaded bytes at {start:#x}: {e}")))?;
-        ram.write(start, &buf).map_err(|e| Error::Crash(format!("cannot write guest RAM at {start:#x}: {e}")))?;
-    }
     Ok(Entry { pvh_entry: entry, start_info: START_INFO_ADDR })
 }
 
-fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: 1,
-        s: 1,
-        l: 0,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
-}
-
-/// PVH entry state: 32-bit protected mode, paging off, flat segments.
+/// PVH entry state: 32-bit protected mode, paging off, flat segments,
+/// `ebx` = the start info.
 pub fn setup_vcpu(vcpu: &VcpuFd, entry: &Entry) -> Result<(), Error> {
-    let mut sregs = vcpu.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
-    sregs.cs = flat_segment(0x08, 0xb);
-    let data = flat_segment(0x10, 0x3);
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = kvm_segment { limit: 0x67, type_: 0xb, present: 1, s: 0, db: 0, g: 0, ..data };
-    sregs.cr0 = 0x11; // PE | ET
-    sregs.cr4 = 0;
-    sregs.efer = 0;
-    vcpu.set_sregs(&sregs).map_err(Error::kvm("KVM_SET_SREGS"))?;
-    let regs = kvm_regs { rip: entry.pvh_entry, rbx: entry.start_info, rflags: 2, ..Default::default() };
-    vcpu.set_regs(&regs).map_err(Error::kvm("KVM_SET_REGS"))?;
-    Ok(())
+    super::enter_protected_mode(vcpu, entry.pvh_entry, 0, entry.start_info)
 }
 
 #[cfg(test)]

@@ -1,12 +1,11 @@
-//! The few port-I/O devices the guest needs: a 16550 UART (enough of it for
-//! a polling driver) and QEMU's isa-debug-exit port.
+//! A 16550 UART at 0x3f8, output only: enough of it for a polling driver
+//! (LSR always says "transmitter empty").
 
 use std::io::Write;
 use std::sync::Mutex;
 
 pub const COM1_BASE: u16 = 0x3f8;
 pub const COM1_END: u16 = COM1_BASE + 8;
-pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 
 const THR: u16 = 0;
 const IER: u16 = 1;
@@ -70,15 +69,6 @@ impl Serial {
     }
 }
 
-/// Status vkvm exits with after a debug-exit write of `v`.
-pub fn debug_exit_status(v: u32) -> u8 {
-    if v <= 125 {
-        v as u8
-    } else {
-        1
-    }
-}
-
 #[cfg(test)]
 mod test {
     use super::*;
@@ -108,12 +98,5 @@ mod test {
         s.write(COM1_BASE + LCR, LCR_DLAB);
         s.write(COM1_BASE, 1);
         assert_eq!(&*sink.0.lock().unwrap(), b"hi\n");
-    }
-
-    #[test]
-    fn debug_exit_maps_values() {
-        assert_eq!(debug_exit_status(0), 0);
-        assert_eq!(debug_exit_status(125), 125);
-        assert_eq!(debug_exit_status(126), 1);
     }
 }
