@@ -85,6 +85,14 @@ pub enum Command {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SwapFault {
+    ReadEio,
+    ShortRead,
+    WriteEio,
+    Nospace,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum FaultDelivery {
     Auto,
     Uffd,
@@ -130,6 +138,12 @@ pub struct RunArgs {
     /// Swap file (created; default: an unlinked temporary file).
     #[arg(long, value_name = "PATH")]
     pub swap: Option<PathBuf>,
+    /// Swap space (K/M/G); default twice the guest RAM.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub swap_size: Option<u64>,
+    /// Test only: make swap I/O fail (read-eio, short-read, write-eio, nospace).
+    #[arg(long, value_name = "FAULT", hide = true)]
+    pub inject_swap_fault: Option<SwapFault>,
     /// A Multiboot module: a file and its string (default: the path);
     /// repeatable, loaded page-aligned after the kernel in the order given.
     #[arg(long, value_name = "PATH[,STRING]")]
@@ -199,6 +213,11 @@ impl RunArgs {
                     MIN_PHYS_MEM >> 20
                 )));
             }
+        }
+        if self.phys_mem.is_none() && (self.swap.is_some() || self.swap_size.is_some()) {
+            return Err(Error::Config(
+                "--swap and --swap-size need --phys-mem: without a resident budget nothing is paged out".into(),
+            ));
         }
         if let Some(t) = self.timeout {
             if !(t > 0.0 && t.is_finite()) {

@@ -90,17 +90,25 @@ pub fn serve(
                     // rather than hand the guest zeros. The vCPU stays
                     // blocked until the VM ends.
                     debug!("guest fault at {gpa:#x} ({access:?}) failed: {e}");
-                    on_error(format!("guest page {gpa:#x} could not be brought in: {e}"));
+                    let why = match e {
+                        pager::FaultError::NoMemory => " (no frame could be freed: swap full or failing?)",
+                        _ => "",
+                    };
+                    on_error(format!("guest page {gpa:#x} could not be brought in: {e}{why}"));
                     continue;
                 }
             }
-            if gpa == last_gpa.wrapping_add(PS) {
-                around = (around * 2).min(AROUND_MAX);
-            } else {
-                around = AROUND_MIN;
-            }
+            let sequential = gpa == last_gpa.wrapping_add(PS);
+            around = if sequential { (around * 2).min(AROUND_MAX) } else { AROUND_MIN };
             last_gpa = gpa;
-            let end = (gpa + (around + 1) * PS).min(ram.size);
+            // As the seed does for read-ahead: no clustering beyond the free
+            // frames, or fault-around would only feed pageout; and under
+            // memory pressure only a sequential stream is worth it.
+            let pool = ram.vm.pool();
+            let headroom = pool.max_resident().saturating_sub(pool.resident()) / 2;
+            let pressed = pool.resident() * 4 > pool.max_resident() * 3;
+            let headroom = if pressed && !sequential { 0 } else { headroom };
+            let end = (gpa + (around.min(headroom) + 1) * PS).min(ram.size);
             let mut a = gpa + PS;
             while a < end {
                 if !ram.view.present(a) {

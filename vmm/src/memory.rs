@@ -82,6 +82,9 @@ pub struct MemConfig {
     /// Resident page budget in bytes (`--phys-mem`); default: all of RAM.
     pub phys_mem: Option<u64>,
     pub swap: Option<PathBuf>,
+    pub swap_size: Option<u64>,
+    /// Test only: failures injected into swap I/O.
+    pub swap_fault: Option<crate::cli::SwapFault>,
 }
 
 pub struct GuestRam {
@@ -107,13 +110,40 @@ impl GuestRam {
         };
         let pcfg = pager::Config {
             ratelimit: cfg.phys_mem.is_some(),
+            // Pageout keeps 2x this free: 1/16 of the budget keeps the load
+            // under the rate limiter's threshold while pageout keeps up.
+            free_target: (budget / 32).max(16),
+            // Allocation already waits for pageout; the seed's throttle (up to
+            // 100 ms per sleep) is kept only as a brake for a VM that outruns
+            // the daemon, so that thrashing guests still make progress.
+            ratelimit_load: 980,
+            ratelimit_max_sleep: std::time::Duration::from_millis(1),
             // Room for RAM, its shadows after clones, and general frames.
             store_bytes: (cfg.size * 8).max(1 << 30),
             max_resident: budget,
             swap_path: cfg.swap.clone(),
-            swap_bytes: if cfg.phys_mem.is_some() { cfg.size * 2 } else { 0 },
+            swap_bytes: if cfg.phys_mem.is_some() { cfg.swap_size.unwrap_or(cfg.size * 2) } else { 0 },
+            swap_hook: cfg.swap_fault.map(|f| {
+                use crate::cli::SwapFault as F;
+                let hook = pager::FailHook::new();
+                match f {
+                    F::ReadEio => hook.set_read(pager::FailMode::Eio),
+                    F::ShortRead => hook.set_read(pager::FailMode::ShortRead),
+                    F::WriteEio => hook.set_write(pager::FailMode::Eio),
+                    F::Nospace => hook.set_write(pager::FailMode::NoSpace),
+                }
+                hook
+            }),
             ..pager::Config::default()
         };
+        if let (Some(p), Some(_)) = (&cfg.swap, cfg.phys_mem) {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(p)
+                .map_err(|e| Error::Config(format!("--swap {}: cannot create the swap file: {e}", p.display())))?;
+        }
         let vm = Vm::new(pcfg).map_err(|e| Error::Crash(format!("cannot create the pager: {e}")))?;
         let uffd = match cfg.delivery {
             Delivery::Uffd => Some(Arc::new(Uffd::new(uffd_features()).map_err(|e| {

@@ -201,6 +201,8 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
         delivery,
         phys_mem: args.phys_mem,
         swap: args.swap.clone(),
+        swap_size: args.swap_size,
+        swap_fault: args.inject_swap_fault,
     })?);
     register_memory(&vm, &ram)?;
     create_irqchip(&vm)?;

@@ -1,0 +1,200 @@
+//! Demand-paged guest memory end to end: fault counts, delivery modes,
+//! swap, file-backed memory, refused accesses, and their bad inputs.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+
+fn faults(r: &Run) -> &serde_json::Value {
+    &r.stats()["faults"]
+}
+
+#[test]
+fn selfcheck_over_256m_is_demand_paged() {
+    need_kvm!();
+    let r = run(&["--memory", "256M", "--cmdline", "tests=selfcheck,seq-touch"]);
+    assert_eq!(r.status(), 0, "{}\n{}", r.stdout(), r.stderr());
+    let f = faults(&r);
+    assert_eq!(f["delivery"], "uffd");
+    let zf = f["zero_fill"].as_u64().unwrap();
+    assert!(zf > 30_000, "only {zf} zero-fill faults: {f}");
+    assert!(f["events"].as_u64().unwrap() > 0);
+    assert_eq!(f["guest_errors"], 0);
+}
+
+#[test]
+fn prefault_populates_everything_before_the_guest_runs() {
+    need_kvm!();
+    let r = run(&["--memory", "64M", "--prefault", "--cmdline", "tests=seq-touch"]);
+    assert_eq!(r.status(), 0, "{}", r.stderr());
+    assert_eq!(faults(&r)["events"], 0, "{}", faults(&r));
+    assert!(r.stats()["memory"]["present_pages"].as_u64().unwrap() >= 16384);
+}
+
+#[test]
+fn exit_delivery_resolves_emulated_ring0_touches() {
+    need_kvm!();
+    let r = run(&["--fault-delivery", "exit", "--cmdline", "tests=kernel-touch"]);
+    assert_eq!(r.status(), 0, "{}\n{}", r.stdout(), r.stderr());
+    let f = faults(&r);
+    assert_eq!(f["delivery"], "exit");
+    assert!(r.stats()["exits"]["mmio_write"].as_u64().unwrap() >= 256, "{}", r.stats());
+    assert!(f["events"].as_u64().unwrap() >= 256);
+    assert_eq!(r.tests()[0]["pages"], 256);
+}
+
+#[test]
+fn exit_delivery_explains_native_faults_it_cannot_see() {
+    need_kvm!();
+    let r = run(&["--fault-delivery", "exit", "--cmdline", "tests=seq-touch"]);
+    assert_one_line_error(&r, 3, "--fault-delivery uffd");
+}
+
+#[test]
+fn swap_working_set_four_times_the_budget() {
+    need_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let swap = dir.path().join("swap");
+    let r = run(&[
+        "--memory",
+        "128M",
+        "--phys-mem",
+        "16M",
+        "--swap",
+        swap.to_str().unwrap(),
+        "--cmdline",
+        "tests=write-verify wv-mib=64 seed=9",
+    ]);
+    assert_eq!(r.status(), 0, "{}\n{}", r.stdout(), r.stderr());
+    let p = &r.stats()["pageout"];
+    assert!(p["pages_out"].as_u64().unwrap() > 1000, "{p}");
+    assert!(p["pages_in"].as_u64().unwrap() > 1000, "{p}");
+    assert!(faults(&r)["pager_in"].as_u64().unwrap() > 0);
+    assert!(r.stats()["memory"]["resident_pages"].as_u64().unwrap() <= 4096, "{}", r.stats()["memory"]);
+}
+
+#[test]
+fn smp_storm_with_pageout_loses_no_write() {
+    need_kvm!();
+    let r = run(&[
+        "--vcpus",
+        "2",
+        "--memory",
+        "128M",
+        "--phys-mem",
+        "12M",
+        "--cmdline",
+        "tests=smp-storm storm-mib=16 storm-rounds=2 seed=4",
+    ]);
+    assert_eq!(r.status(), 0, "{}\n{}", r.stdout(), r.stderr());
+    assert_eq!(r.tests().len(), 2);
+    assert!(r.stats()["pageout"]["pages_out"].as_u64().unwrap() > 0, "{}", r.stats());
+}
+
+#[test]
+fn swap_read_error_stops_the_vm_instead_of_handing_out_zeros() {
+    need_kvm!();
+    let r = run(&[
+        "--memory",
+        "128M",
+        "--phys-mem",
+        "16M",
+        "--inject-swap-fault",
+        "read-eio",
+        "--cmdline",
+        "tests=write-verify wv-mib=64",
+    ]);
+    assert_one_line_error(&r, 3, "could not be brought in");
+    assert!(!r.stdout().contains("first wrong address"), "the guest saw bad data: {}", r.stdout());
+}
+
+#[test]
+fn full_swap_stops_the_vm_cleanly() {
+    need_kvm!();
+    let r = run(&[
+        "--memory",
+        "128M",
+        "--phys-mem",
+        "16M",
+        "--swap-size",
+        "4M",
+        "--cmdline",
+        "tests=write-verify wv-mib=64",
+    ]);
+    assert_one_line_error(&r, 3, "out of memory");
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+#[test]
+fn file_map_hashes_match_and_modes_behave() {
+    need_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let mut padded = data.clone();
+    padded.resize(data.len().div_ceil(4096) * 4096, 0);
+    let (ro, sh, pr) = (dir.path().join("ro"), dir.path().join("shared"), dir.path().join("private"));
+    for p in [&ro, &sh, &pr] {
+        std::fs::write(p, &data).unwrap();
+    }
+    let arg = |p: &std::path::Path, at: &str, mode: &str| format!("{}@{at},{mode}", p.display());
+    let (a, b, c) = (arg(&ro, "0x40000000", "ro"), arg(&sh, "0x41000000", "shared"), arg(&pr, "0x42000000", "private"));
+    let r = run(&["--map-file", &a, "--map-file", &b, "--map-file", &c, "--cmdline", "tests=file-map"]);
+    assert_eq!(r.status(), 0, "{}\n{}", r.stdout(), r.stderr());
+    let t = &r.tests()[0];
+    let want = fnv1a(&padded);
+    for k in ["fnv0", "fnv1", "fnv2"] {
+        assert_eq!(t[k].as_u64(), Some(want), "{k}: {t}");
+    }
+    // The read-only write came back to the guest as a #PF at the address.
+    assert_eq!(t["ro_faults"], 1);
+    assert!(faults(&r)["guest_errors"].as_u64().unwrap() >= 1);
+    assert_eq!(std::fs::read(&ro).unwrap(), data, "read-only file changed");
+    assert_eq!(std::fs::read(&pr).unwrap(), data, "private mapping wrote to its file");
+    let shared = std::fs::read(&sh).unwrap();
+    assert!(shared.starts_with(b"vkvm wrote this\n"), "shared write did not reach the file");
+    assert_eq!(&shared[16..], &data[16..]);
+}
+
+#[test]
+fn map_file_bad_inputs_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("f");
+    std::fs::write(&f, vec![1u8; 5000]).unwrap();
+    let p = f.to_str().unwrap();
+    let r = run(&["--map-file", "/no/such/file@0x40000000"]);
+    assert_one_line_error(&r, 2, "/no/such/file");
+    let r = run(&["--map-file", &format!("{p}@0x40000000,size=1M")]);
+    assert_one_line_error(&r, 2, "shorter than");
+    let r = run(&["--map-file", &format!("{p}@0x1000")]);
+    assert_one_line_error(&r, 2, "overlaps guest RAM");
+    let r = run(&["--map-file", &format!("{p}@0x40000000"), "--map-file", &format!("{p}@0x40001000")]);
+    assert_one_line_error(&r, 2, "overlaps --map-file");
+    let r = run(&["--map-file", &format!("{p}@0x40000100")]);
+    assert_one_line_error(&r, 2, "multiples of 4 KiB");
+}
+
+#[test]
+fn memory_option_bad_inputs_are_refused() {
+    let r = run(&["--phys-mem", "1M"]);
+    assert_one_line_error(&r, 2, "at least 4 MiB");
+    let r = run(&["--swap", "/tmp/vkvm-unused-swap"]);
+    assert_one_line_error(&r, 2, "need --phys-mem");
+    need_kvm!();
+    let r = run(&["--phys-mem", "16M", "--swap", "/no/such/dir/swap"]);
+    assert_one_line_error(&r, 2, "cannot create the swap file");
+}
+
+#[test]
+fn torture_reports_fault_counts() {
+    need_kvm!();
+    let out = Command::new(VKVM).args(["torture", "--test", "seq-touch", "--memory", "64M"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let row = stdout.lines().find(|l| l.starts_with("seq-touch")).unwrap();
+    let zero_fill: u64 = row.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!(zero_fill > 10_000, "{row}");
+}
