@@ -387,6 +387,9 @@ pub fn collapse(top: &Arc<Object>) -> usize {
         let off = sg.backing_offset;
         let size = sg.size;
         let top_pager = sg.pager.clone();
+        // Only `top`'s own pages shadow `back`'s swap copies; pages moved up
+        // from `back` keep their slots.
+        let own: std::collections::HashSet<u64> = sg.pages.keys().copied().collect();
         let mut to_free = Vec::new();
         for (p, page) in std::mem::take(&mut bg.pages) {
             let np = p.wrapping_sub(off);
@@ -404,8 +407,7 @@ pub fn collapse(top: &Arc<Object>) -> usize {
         }
         if bg.kind == ObjectKind::Swap {
             if let Some(bp) = bg.pager.clone() {
-                let resident: std::collections::HashSet<u64> = sg.pages.keys().copied().collect();
-                bp.collapse_into(back.id, top.id, off, size, &|np| resident.contains(&np));
+                bp.collapse_into(back.id, top.id, off, size, &|np| own.contains(&np));
                 if sg.kind == ObjectKind::Anonymous {
                     sg.kind = ObjectKind::Swap;
                     sg.pager = Some(bp);

@@ -1,0 +1,221 @@
+//! Injected pager failures and concurrency.
+mod common;
+use ::pager::*;
+use common::*;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+fn hooked(max: u64, swap_bytes: u64) -> (Arc<Vm>, Arc<FailHook>) {
+    let hook = FailHook::new();
+    let vm = Vm::new(Config {
+        swap_hook: Some(hook.clone()),
+        swap_bytes,
+        ..cfg(max)
+    })
+    .unwrap();
+    (vm, hook)
+}
+
+fn swapped_out(vm: &Arc<Vm>) -> (SoftMachine, ObjHandle) {
+    let m = machine(vm);
+    let o = m.map.map_anon(B, 4 * PS, Prot::RW).unwrap();
+    for i in 0..4 {
+        fill(&m, B + i * PS, 0x10 + i as u8);
+    }
+    evict_all(vm);
+    assert_eq!(o.resident(), 0);
+    (m, o)
+}
+
+#[test]
+fn injected_swap_eio_is_failure_and_object_consistent() {
+    let (vm, hook) = hooked(64, 1 << 20);
+    let (m, o) = swapped_out(&vm);
+    hook.set_read(FailMode::Eio);
+    assert_eq!(m.read_u8(B + PS).unwrap_err(), FaultError::Failure);
+    assert_eq!(o.resident(), 0, "no half-read page left");
+    assert_eq!(vm.swap().unwrap().object_slots(o.id()), 4, "swap copy kept");
+    hook.set_read(FailMode::None);
+    for i in 0..4 {
+        assert!(all(&page_bytes(&m, B + i * PS), 0x10 + i as u8));
+    }
+}
+
+#[test]
+fn injected_short_read_never_zeros_or_other_bytes() {
+    let (vm, hook) = hooked(64, 1 << 20);
+    let (m, o) = swapped_out(&vm);
+    hook.set_read(FailMode::ShortRead);
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(
+        read_guest(&m.map, B + 2 * PS, &mut buf).unwrap_err(),
+        FaultError::Failure
+    );
+    assert_eq!(o.resident(), 0);
+    hook.set_read(FailMode::None);
+    read_guest(&m.map, B + 2 * PS, &mut buf).unwrap();
+    assert!(all(&buf, 0x12));
+    // File pager short read too.
+    let fh = FailHook::new();
+    let mut f = tempfile::tempfile().unwrap();
+    f.write_all(&[0x61; 8192]).unwrap();
+    let fo = vm.file_object(f, false, Some(fh.clone())).unwrap();
+    let fm = machine(&vm);
+    fm.map
+        .map_file(B, 2 * PS, &fo, 0, ::pager::map::FileMode::ReadOnly)
+        .unwrap();
+    fh.set_read(FailMode::ShortRead);
+    // The cluster is pages 0-1; half of it arrives: page 1 (asked for) fails,
+    // page 0 (complete) may stay, with its right bytes.
+    assert_eq!(fm.read_u8(B + PS).unwrap_err(), FaultError::Failure);
+    assert!(fo.with_page(1, |_| ()).is_none());
+    fh.set_read(FailMode::Eio);
+    assert_eq!(fm.read_u8(B + PS).unwrap_err(), FaultError::Failure);
+    fh.set_read(FailMode::None);
+    assert!(all(&page_bytes(&fm, B + PS), 0x61));
+    assert!(all(&page_bytes(&fm, B), 0x61));
+}
+
+#[test]
+fn injected_enospc_keeps_dirty_pages_resident() {
+    let (vm, hook) = hooked(64, 1 << 20);
+    let m = machine(&vm);
+    let o = m.map.map_anon(B, 4 * PS, Prot::RW).unwrap();
+    for i in 0..4 {
+        fill(&m, B + i * PS, 0x20 + i as u8);
+    }
+    hook.set_write(FailMode::NoSpace);
+    evict_all(&vm);
+    assert!(vm.stats().snapshot().pageout_errors > 0);
+    assert_eq!(o.resident(), 4, "pages whose write failed stay");
+    for i in 0..4 {
+        assert!(all(&page_bytes(&m, B + i * PS), 0x20 + i as u8));
+    }
+    hook.set_write(FailMode::Eio);
+    evict_all(&vm);
+    assert_eq!(o.resident(), 4);
+    hook.set_write(FailMode::None);
+    evict_all(&vm);
+    assert_eq!(o.resident(), 0);
+    for i in 0..4 {
+        assert!(all(&page_bytes(&m, B + i * PS), 0x20 + i as u8));
+    }
+}
+
+#[test]
+fn real_swap_full_is_enospc_and_loses_nothing() {
+    let (vm, _hook) = hooked(64, 2 * PS);
+    let m = machine(&vm);
+    m.map.map_anon(B, 8 * PS, Prot::RW).unwrap();
+    for i in 0..8 {
+        fill(&m, B + i * PS, 0x40 + i as u8);
+    }
+    evict_all(&vm);
+    assert!(vm.stats().snapshot().pageout_errors > 0);
+    assert_eq!(vm.swap().unwrap().used_slots(), 2);
+    for i in 0..8 {
+        assert!(all(&page_bytes(&m, B + i * PS), 0x40 + i as u8));
+    }
+}
+
+#[test]
+fn concurrent_faults_with_pageout_no_deadlock_no_lost_write() {
+    const PAGES: u64 = 32;
+    const ITERS: u64 = 12;
+    let vm = Vm::new(Config {
+        free_target: 8,
+        ..cfg(72)
+    })
+    .unwrap();
+    let daemon = PageoutDaemon::start(&vm).unwrap();
+    let parent = Arc::new(machine(&vm));
+    parent.map.map_anon(B, PAGES * PS, Prot::RW).unwrap();
+    for p in 0..PAGES {
+        parent.write_u64(B + p * PS + 512, p).unwrap();
+    }
+    assert_eq!(vm.stats().snapshot().zero_fill, PAGES);
+    let children: Vec<Arc<SoftMachine>> = (0..2)
+        .map(|_| {
+            let cp = SoftPmap::new();
+            Arc::new(SoftMachine::with(parent.map.fork(cp.clone()).unwrap(), cp))
+        })
+        .collect();
+    let failed = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    // Four threads share the parent's pages, each owning one word per page.
+    for t in 0..4u64 {
+        let (m, f) = (parent.clone(), failed.clone());
+        threads.push(std::thread::spawn(move || {
+            for it in 1..=ITERS {
+                for p in 0..PAGES {
+                    let p = (p + t * 7) % PAGES;
+                    if m.write_u64(B + p * PS + t * 8, it << 16 | p).is_err() {
+                        f.store(true, Ordering::SeqCst);
+                    }
+                    if m.read_u64(B + p * PS + 512).ok() != Some(p) {
+                        f.store(true, Ordering::SeqCst);
+                    }
+                }
+            }
+        }));
+    }
+    // Each private clone writes its own pattern.
+    for (c, m) in children.iter().enumerate() {
+        let (m, f) = (m.clone(), failed.clone());
+        threads.push(std::thread::spawn(move || {
+            for it in 1..=ITERS {
+                for p in 0..PAGES {
+                    if m.write_u64(B + p * PS + 1024, (c as u64) << 32 | it << 16 | p)
+                        .is_err()
+                    {
+                        f.store(true, Ordering::SeqCst);
+                    }
+                }
+            }
+        }));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(
+        !failed.load(Ordering::SeqCst),
+        "a fault failed or a read saw wrong data"
+    );
+    for p in 0..PAGES {
+        for t in 0..4u64 {
+            assert_eq!(
+                parent.read_u64(B + p * PS + t * 8).unwrap(),
+                ITERS << 16 | p,
+                "lost write"
+            );
+        }
+        assert_eq!(
+            parent.read_u64(B + p * PS + 1024).unwrap(),
+            0,
+            "a clone's write leaked into the parent"
+        );
+        for (c, m) in children.iter().enumerate() {
+            assert_eq!(
+                m.read_u64(B + p * PS + 1024).unwrap(),
+                (c as u64) << 32 | ITERS << 16 | p
+            );
+            assert_eq!(
+                m.read_u64(B + p * PS).unwrap(),
+                0,
+                "the parent's post-clone write leaked into a clone"
+            );
+            assert_eq!(m.read_u64(B + p * PS + 512).unwrap(), p);
+        }
+    }
+    let s = vm.stats().snapshot();
+    assert_eq!(s.zero_fill, PAGES, "each page zero-filled once");
+    assert_eq!(
+        s.cow_copy + s.cow_rename,
+        3 * PAGES,
+        "each page copied once per object"
+    );
+    assert!(s.pages_out > 0, "pageout ran concurrently");
+    assert!(vm.pool().resident() <= 72);
+    drop(daemon);
+}
