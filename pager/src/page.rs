@@ -158,3 +158,29 @@ impl Page {
         !self.has(pf::BUSY | pf::FICTITIOUS) && self.wire_count == 0 && self.hold_count == 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_metadata_fits_64_bytes() {
+        // Page + hash map key, with hashbrown's control byte and 7/8 load.
+        let per = (std::mem::size_of::<(u64, Page)>() + 1) * 8 / 7;
+        assert!(per <= 64, "{per} bytes per resident page");
+        assert_eq!(std::mem::size_of::<Rmap>(), 16);
+    }
+
+    #[test]
+    fn rmap_pack_roundtrip() {
+        let v = rmap_pack(7, 0x7_FFFF_FFFF);
+        assert_eq!(rmap_unpack(v), (7, 0x7_FFFF_FFFF));
+        let mut r = Rmap::default();
+        r.add(1);
+        r.add(1);
+        r.add(2);
+        assert_eq!(r.iter().collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(r.take(), vec![1, 2]);
+        assert!(r.is_empty());
+    }
+}
