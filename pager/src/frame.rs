@@ -229,6 +229,39 @@ impl FramePool {
         self.free_inner(frame, touched, true);
     }
 
+    /// Frees many frames, punching contiguous runs with one `fallocate` each
+    /// (pageout frees object pages, which preferred frames keep contiguous).
+    pub fn free_many(&self, frames: &mut [(Frame, bool)]) {
+        frames.sort_unstable_by_key(|f| f.0);
+        let mut i = 0;
+        while i < frames.len() {
+            if !frames[i].1 {
+                i += 1;
+                continue;
+            }
+            let start = frames[i].0;
+            let mut j = i + 1;
+            while j < frames.len() && frames[j].1 && frames[j].0 == start + (j - i) as u64 {
+                j += 1;
+            }
+            self.punch_run(start, (j - i) as u64);
+            i = j;
+        }
+        let mut st = self.state.lock();
+        for &(f, _) in frames.iter() {
+            if f >= self.nframes || !st.is_used(f) {
+                continue;
+            }
+            st.mark(f, false);
+            if f >= st.general_low {
+                st.general_free.push(f);
+            }
+            self.resident.fetch_sub(1, Ordering::Relaxed);
+        }
+        drop(st);
+        self.freed.notify_all();
+    }
+
     /// Frees a device frame allocated with `alloc_unbudgeted`.
     pub fn free_unbudgeted(&self, frame: Frame) {
         self.free_inner(frame, true, false);
@@ -257,20 +290,27 @@ impl FramePool {
     }
 
     fn punch(&self, frame: Frame) {
+        self.punch_run(frame, 1);
+    }
+
+    fn punch_run(&self, frame: Frame, n: u64) {
+        if frame >= self.nframes || n > self.nframes - frame {
+            return;
+        }
         // SAFETY: valid fd; range inside the file.
         let r = unsafe {
             libc::fallocate(
                 self.fd.as_raw_fd(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 (frame * PAGE_SIZE as u64) as libc::off_t,
-                PAGE_SIZE as libc::off_t,
+                (n * PAGE_SIZE as u64) as libc::off_t,
             )
         };
         if r != 0 {
-            // Cannot punch (should not happen on memfd): zero it instead so a
+            // Cannot punch (should not happen on memfd): zero instead so a
             // later zero-fill still reads zeros.
-            // SAFETY: frame < nframes, inside the mapping.
-            unsafe { std::ptr::write_bytes(self.ptr(frame), 0, PAGE_SIZE) };
+            // SAFETY: the run is inside the mapping (checked above).
+            unsafe { std::ptr::write_bytes(self.ptr(frame), 0, PAGE_SIZE * n as usize) };
         }
     }
 

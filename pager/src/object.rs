@@ -7,7 +7,7 @@ use crate::pager::Pager;
 use crate::pmap::remove_mappings;
 use crate::vm::{bump, Vm};
 use parking_lot::{Condvar, Mutex};
-use std::collections::HashMap;
+
 use std::mem::ManuallyDrop;
 use std::sync::{Arc, Weak};
 
@@ -33,7 +33,7 @@ pub struct ObjState {
     pub(crate) ref_count: u32,
     pub(crate) shadow_count: u32,
     pub(crate) shadows: Vec<Weak<Object>>,
-    pub(crate) pages: HashMap<u64, Page>,
+    pub(crate) pages: crate::page::IndexMap<Page>,
     pub(crate) generation: u64,
     pub(crate) dead: bool,
     pub(crate) handle: Option<u64>,
@@ -76,7 +76,7 @@ impl Object {
                 ref_count: 1,
                 shadow_count: 0,
                 shadows: Vec::new(),
-                pages: HashMap::new(),
+                pages: Default::default(),
                 generation: 0,
                 dead: false,
                 handle,

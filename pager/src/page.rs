@@ -184,3 +184,34 @@ mod tests {
         assert!(r.is_empty());
     }
 }
+
+/// A fast hasher for page indexes and virtual page numbers (SipHash costs
+/// tens of ns per resident-page lookup; keys here are not attacker-chosen
+/// hash-flooding material beyond what a multiply-shift spreads well).
+#[derive(Default, Clone, Copy)]
+pub struct IndexHasher(u64);
+
+impl std::hash::Hasher for IndexHasher {
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ b as u64).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        // Fibonacci hashing; hashbrown uses the top 7 bits as the tag, so
+        // fold the high half down as well.
+        let h = (self.0 ^ i).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = h ^ (h >> 29);
+    }
+}
+
+/// `BuildHasher` for `IndexHasher`.
+pub type IndexBuild = std::hash::BuildHasherDefault<IndexHasher>;
+/// A map keyed by page index.
+pub type IndexMap<V> = std::collections::HashMap<u64, V, IndexBuild>;

@@ -132,13 +132,15 @@ fn scan_object(vm: &Vm, obj: &Arc<Object>, pass: u32, free_target: u64, rep: &mu
                 page.queue = Queue::Inactive;
             }
         }
+        let mut frames = Vec::with_capacity(to_free.len());
         for p in to_free {
             if let Some(page) = g.pages.remove(&p) {
-                vm.pool.free(page.frame, !page.has(pf::ZERO));
+                frames.push((page.frame, !page.has(pf::ZERO)));
                 rep.freed += 1;
                 bump(&vm.stats.pages_freed);
             }
         }
+        vm.pool.free_many(&mut frames);
         if batch.is_empty() {
             None
         } else {
@@ -163,6 +165,7 @@ fn scan_object(vm: &Vm, obj: &Arc<Object>, pass: u32, free_target: u64, rep: &mu
         log::warn!("pageout: object {} write failed: {e}", obj.id());
     }
     let mut g = obj.lock();
+    let mut frames = Vec::with_capacity(batch.len());
     for b in &batch {
         let Some(page) = g.pages.get_mut(&b.pindex) else {
             continue;
@@ -171,7 +174,7 @@ fn scan_object(vm: &Vm, obj: &Arc<Object>, pass: u32, free_target: u64, rep: &mu
             // Busy and unmapped since before the write: nothing can have
             // dirtied it.
             if let Some(page) = g.pages.remove(&b.pindex) {
-                vm.pool.free(page.frame, true);
+                frames.push((page.frame, true));
             }
             rep.written += 1;
             bump(&vm.stats.pages_out);
@@ -181,6 +184,7 @@ fn scan_object(vm: &Vm, obj: &Arc<Object>, pass: u32, free_target: u64, rep: &mu
             bump(&vm.stats.pageout_errors);
         }
     }
+    vm.pool.free_many(&mut frames);
     g.pip = g.pip.saturating_sub(1);
     drop(g);
     obj.cv.notify_all();
