@@ -21,7 +21,16 @@ enum Op {
     Unwire(usize, u64),
     Pageout,
     Collapse(usize),
+    GuestRead(usize, u64),
+    GuestWrite(usize, u64, u8),
+    Advise(usize, u8),
+    SharedWrite(usize, u64, u8),
+    SharedRead(usize, u64),
 }
+
+/// A region mapped shared (`Inherit::Share`): clones see each other's writes.
+const SH: u64 = 0x2000_0000;
+const SH_PAGES: u64 = 4;
 
 fn op() -> impl Strategy<Value = Op> {
     let m = 0..MAX_MAPS;
@@ -36,7 +45,12 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (m.clone(), p.clone()).prop_map(|(a, b)| Op::Wire(a, b)),
         1 => (m.clone(), p.clone()).prop_map(|(a, b)| Op::Unwire(a, b)),
         1 => Just(Op::Pageout),
-        1 => m.prop_map(Op::Collapse),
+        1 => m.clone().prop_map(Op::Collapse),
+        2 => (m.clone(), p.clone()).prop_map(|(a, b)| Op::GuestRead(a, b)),
+        2 => (m.clone(), p.clone(), any::<u8>()).prop_map(|(a, b, c)| Op::GuestWrite(a, b, c)),
+        1 => (m.clone(), 0..3u8).prop_map(|(a, b)| Op::Advise(a, b)),
+        2 => (m.clone(), 0..SH_PAGES, any::<u8>()).prop_map(|(a, b, c)| Op::SharedWrite(a, b, c)),
+        2 => (m, 0..SH_PAGES).prop_map(|(a, b)| Op::SharedRead(a, b)),
     ]
 }
 
@@ -64,11 +78,15 @@ fn fresh() -> Vec<ModelPage> {
 }
 
 fn check_page(m: &SoftMachine, p: u64, want: u8) -> Result<(), TestCaseError> {
-    let got = page_bytes(m, B + p * PS);
+    check_page_at(m, B + p * PS, want)
+}
+
+fn check_page_at(m: &SoftMachine, a: u64, want: u8) -> Result<(), TestCaseError> {
+    let got = page_bytes(m, a);
     prop_assert!(
         all(&got, want),
-        "page {} reads {:#x}.. want {:#x}",
-        p,
+        "page {:#x} reads {:#x}.. want {:#x}",
+        a,
         got[0],
         want
     );
@@ -83,6 +101,21 @@ fn run(ops: Vec<Op>, collapse_auto: bool) -> Result<(), TestCaseError> {
     .unwrap();
     let first = machine(&vm);
     first.map.map_anon(B, PAGES * PS, Prot::RW).unwrap();
+    let sh = vm.anonymous(SH_PAGES);
+    first
+        .map
+        .map_object(
+            SH,
+            SH_PAGES * PS,
+            sh,
+            0,
+            Prot::RW,
+            Prot::ALL,
+            ::pager::map::Inherit::Share,
+            false,
+        )
+        .unwrap();
+    let mut shared = [0u8; SH_PAGES as usize];
     let mut w = World {
         vm,
         maps: vec![(first, fresh())],
@@ -165,6 +198,42 @@ fn run(ops: Vec<Op>, collapse_auto: bool) -> Result<(), TestCaseError> {
                     },
                 );
             }
+            Op::GuestRead(i, p) => {
+                let p = p % (PAGES - 1);
+                let (m, model) = &w.maps[i % n];
+                let mut buf = vec![0u8; 100];
+                read_guest(&m.map, B + p * PS + 4000, &mut buf).unwrap();
+                prop_assert!(all(&buf[..96], model[p as usize].byte));
+                prop_assert!(all(&buf[96..], model[p as usize + 1].byte));
+            }
+            Op::GuestWrite(i, p, b) => {
+                let (m, model) = &mut w.maps[i % n];
+                let r = write_guest(&m.map, B + p * PS, &[b; 4096]);
+                if model[p as usize].writable {
+                    prop_assert!(r.is_ok(), "guest write failed: {:?}", r);
+                    model[p as usize].byte = b;
+                } else {
+                    prop_assert_eq!(r, Err(FaultError::Protection));
+                }
+            }
+            Op::Advise(i, b) => {
+                let (m, _) = &w.maps[i % n];
+                let beh = [
+                    ::pager::map::Behavior::Normal,
+                    ::pager::map::Behavior::Random,
+                    ::pager::map::Behavior::Sequential,
+                ][b as usize % 3];
+                m.map.madvise(B, PAGES * PS, beh).unwrap();
+            }
+            Op::SharedWrite(i, p, b) => {
+                let (m, _) = &w.maps[i % n];
+                m.write(SH + p * PS, &[b; 4096]).unwrap();
+                shared[p as usize] = b;
+            }
+            Op::SharedRead(i, p) => {
+                let (m, _) = &w.maps[i % n];
+                check_page_at(m, SH + p * PS, shared[p as usize])?;
+            }
             Op::Collapse(i) => {
                 let (m, _) = &w.maps[i % n];
                 for e in m.map.entries() {
@@ -179,6 +248,9 @@ fn run(ops: Vec<Op>, collapse_auto: bool) -> Result<(), TestCaseError> {
     for (m, model) in &w.maps {
         for p in 0..PAGES {
             check_page(m, p, model[p as usize].byte)?;
+        }
+        for p in 0..SH_PAGES {
+            check_page_at(m, SH + p * PS, shared[p as usize])?;
         }
     }
     Ok(())
