@@ -107,7 +107,7 @@ impl MapEntry {
             start: at,
             end: self.end,
             object: self.object.clone(),
-            offset: self.offset + (at - self.start),
+            offset: self.offset.wrapping_add(at - self.start),
             protection: self.protection,
             max_protection: self.max_protection,
             wired_count: self.wired_count,
@@ -120,7 +120,7 @@ impl MapEntry {
     }
     /// Object page index of `addr` (the VA-side index for VPAGETABLE).
     pub(crate) fn pindex(&self, addr: u64) -> u64 {
-        (addr - self.start + self.offset) / PS
+        (addr - self.start).wrapping_add(self.offset) / PS
     }
     /// Creates the shadow a needs-copy entry gets on its first write.
     pub(crate) fn make_shadow(&mut self) {
