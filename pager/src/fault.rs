@@ -89,6 +89,7 @@ pub enum FaultKind {
 pub struct Held {
     obj: Arc<Object>,
     pindex: u64,
+    armed: bool,
 }
 
 impl Held {
@@ -98,6 +99,7 @@ impl Held {
         Some(Held {
             obj: obj.clone(),
             pindex,
+            armed: true,
         })
     }
     /// The frame of the held page.
@@ -108,6 +110,9 @@ impl Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         let mut g = self.obj.st.lock();
         if let Some(p) = g.pages.get_mut(&self.pindex) {
             p.hold_count = p.hold_count.saturating_sub(1);
@@ -607,9 +612,15 @@ pub(crate) fn resolve(
     let Some((fo, mut fg, fp)) = chain.pop() else {
         return Step::Retry;
     };
+    // Our own hold (from the page-in that brought the page) does not count.
+    let own = fs
+        .helds
+        .iter()
+        .filter(|h| h.armed && h.pindex == bp && Arc::ptr_eq(&h.obj, &bo))
+        .count() as u16;
     let (can_move, src) = match bg.pages.get(&bp) {
         Some(pg) => (
-            pg.wire_count == 0 && pg.hold_count == 0 && !pg.has(pf::FICTITIOUS),
+            pg.wire_count == 0 && pg.hold_count <= own && !pg.has(pf::FICTITIOUS),
             pg.frame,
         ),
         None => return Step::Retry,
@@ -626,6 +637,15 @@ pub(crate) fn resolve(
         let Some(mut page) = bg.pages.remove(&bp) else {
             return Step::Retry;
         };
+        // The page leaves `bo`: drop our holds on it here, under the lock.
+        for h in fs
+            .helds
+            .iter_mut()
+            .filter(|h| h.armed && h.pindex == bp && Arc::ptr_eq(&h.obj, &bo))
+        {
+            h.armed = false;
+            page.hold_count = page.hold_count.saturating_sub(1);
+        }
         if let Some(p) = &bg.pager {
             p.page_unswapped(bo.id, bp);
         }

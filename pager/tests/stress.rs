@@ -156,6 +156,9 @@ fn concurrent_faults_with_pageout_no_deadlock_no_lost_write() {
                     if m.read_u64(B + p * PS + 512).ok() != Some(p) {
                         f.store(true, Ordering::SeqCst);
                     }
+                    if m.map.vm().pool().resident() > 72 {
+                        f.store(true, Ordering::SeqCst);
+                    }
                 }
             }
         }));
@@ -218,4 +221,91 @@ fn concurrent_faults_with_pageout_no_deadlock_no_lost_write() {
     assert!(s.pages_out > 0, "pageout ran concurrently");
     assert!(vm.pool().resident() <= 72);
     drop(daemon);
+}
+
+#[test]
+fn same_page_faulted_by_many_threads_is_resolved_once() {
+    let vm = vm(1024);
+    let (o, mp) = mem_object(&vm, 8, 8, (0, 0));
+    *mp.on_get.lock() = Some(Box::new(|| {
+        std::thread::sleep(std::time::Duration::from_millis(30))
+    }));
+    let m = Arc::new(machine(&vm));
+    m.map
+        .map_object(
+            B,
+            8 * PS,
+            o.clone(),
+            0,
+            Prot::RW,
+            Prot::ALL,
+            ::pager::map::Inherit::Share,
+            false,
+        )
+        .unwrap();
+    let barrier = Arc::new(std::sync::Barrier::new(4));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (m, b) = (m.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                b.wait();
+                fault(&m.map, B + 3 * PS, Prot::READ, FaultFlags::NONE).map(|r| r.frame)
+            })
+        })
+        .collect();
+    let frames: Vec<_> = threads
+        .into_iter()
+        .map(|t| t.join().unwrap().unwrap())
+        .collect();
+    assert_eq!(mp.calls.lock().len(), 1, "one pager read for the page");
+    assert!(
+        frames.iter().all(|&f| f == frames[0]),
+        "everyone sees the first thread's page"
+    );
+    assert!(vm.stats().snapshot().busy_waits >= 1);
+    assert_eq!(
+        o.with_page(3, |p| p.hold_count()),
+        Some(0),
+        "holds released"
+    );
+}
+
+#[test]
+fn cow_rename_frees_backing_swap_slot() {
+    let vm = Vm::new(Config {
+        auto_collapse: false,
+        ..cfg(64)
+    })
+    .unwrap();
+    let swap = vm.swap().unwrap().clone();
+    let a = machine(&vm);
+    let o = a.map.map_anon(B, 4 * PS, Prot::RW).unwrap();
+    fill(&a, B, 0x44);
+    evict_all(&vm);
+    assert_eq!(swap.object_slots(o.id()), 1);
+    let oid = o.id();
+    let s = o.shadow(4, 0);
+    let b = machine(&vm);
+    b.map
+        .map_object(
+            B,
+            4 * PS,
+            s,
+            0,
+            Prot::RW,
+            Prot::ALL,
+            ::pager::map::Inherit::Copy,
+            false,
+        )
+        .unwrap();
+    a.map.unmap(B, 4 * PS).unwrap();
+    let r = fault(&b.map, B, Prot::WRITE, FaultFlags::NONE).unwrap();
+    assert_eq!(r.kind, FaultKind::CowRename);
+    assert_eq!(vm.stats().snapshot().cow_rename, 1);
+    assert_eq!(
+        swap.object_slots(oid),
+        0,
+        "the backing object's slot is freed by the rename"
+    );
+    assert!(all(&page_bytes(&b, B), 0x44));
 }
