@@ -122,7 +122,7 @@ fn real_swap_full_is_enospc_and_loses_nothing() {
 #[test]
 fn concurrent_faults_with_pageout_no_deadlock_no_lost_write() {
     const PAGES: u64 = 32;
-    const ITERS: u64 = 12;
+    let iters_n = iters(12);
     let vm = Vm::new(Config {
         free_target: 8,
         ..cfg(72)
@@ -147,7 +147,7 @@ fn concurrent_faults_with_pageout_no_deadlock_no_lost_write() {
     for t in 0..4u64 {
         let (m, f) = (parent.clone(), failed.clone());
         threads.push(std::thread::spawn(move || {
-            for it in 1..=ITERS {
+            for it in 1..=iters_n {
                 for p in 0..PAGES {
                     let p = (p + t * 7) % PAGES;
                     if m.write_u64(B + p * PS + t * 8, it << 16 | p).is_err() {
@@ -167,7 +167,7 @@ fn concurrent_faults_with_pageout_no_deadlock_no_lost_write() {
     for (c, m) in children.iter().enumerate() {
         let (m, f) = (m.clone(), failed.clone());
         threads.push(std::thread::spawn(move || {
-            for it in 1..=ITERS {
+            for it in 1..=iters_n {
                 for p in 0..PAGES {
                     if m.write_u64(B + p * PS + 1024, (c as u64) << 32 | it << 16 | p)
                         .is_err()
@@ -189,7 +189,7 @@ fn concurrent_faults_with_pageout_no_deadlock_no_lost_write() {
         for t in 0..4u64 {
             assert_eq!(
                 parent.read_u64(B + p * PS + t * 8).unwrap(),
-                ITERS << 16 | p,
+                iters_n << 16 | p,
                 "lost write"
             );
         }
@@ -201,7 +201,7 @@ fn concurrent_faults_with_pageout_no_deadlock_no_lost_write() {
         for (c, m) in children.iter().enumerate() {
             assert_eq!(
                 m.read_u64(B + p * PS + 1024).unwrap(),
-                (c as u64) << 32 | ITERS << 16 | p
+                (c as u64) << 32 | iters_n << 16 | p
             );
             assert_eq!(
                 m.read_u64(B + p * PS).unwrap(),
@@ -308,4 +308,128 @@ fn cow_rename_frees_backing_swap_slot() {
         "the backing object's slot is freed by the rename"
     );
     assert!(all(&page_bytes(&b, B), 0x44));
+}
+
+fn iters(default: u64) -> u64 {
+    std::env::var("STRESS_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[test]
+fn clone_while_faulting_keeps_snapshots() {
+    const PAGES: u64 = 24;
+    let n = iters(10);
+    let vm = Vm::new(Config {
+        free_target: 8,
+        ..cfg(64)
+    })
+    .unwrap();
+    let daemon = PageoutDaemon::start(&vm).unwrap();
+    let parent = Arc::new(machine(&vm));
+    parent.map.map_anon(B, PAGES * PS, Prot::RW).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for t in 0..3u64 {
+        let (m, f) = (parent.clone(), failed.clone());
+        writers.push(std::thread::spawn(move || {
+            for it in 1..=n {
+                for p in 0..PAGES {
+                    if m.write_u64(B + p * PS + t * 8, it << 16 | p).is_err() {
+                        f.store(true, Ordering::SeqCst);
+                    }
+                }
+            }
+        }));
+    }
+    // Clone repeatedly while the writers run: a clone's view must never
+    // change afterwards, and every word must be one the parent wrote.
+    let (m, f, d) = (parent.clone(), failed.clone(), done.clone());
+    let cloner = std::thread::spawn(move || {
+        let mut clones = 0;
+        while !d.load(Ordering::SeqCst) || clones < 3 {
+            let cp = SoftPmap::new();
+            let child = SoftMachine::with(m.map.fork(cp.clone()).unwrap(), cp);
+            let snap: Vec<u64> = (0..PAGES * 3)
+                .map(|i| child.read_u64(B + (i / 3) * PS + (i % 3) * 8).unwrap())
+                .collect();
+            for (i, &v) in snap.iter().enumerate() {
+                let p = i as u64 / 3;
+                if v != 0 && (v & 0xffff != p || v >> 16 > n) {
+                    f.store(true, Ordering::SeqCst);
+                }
+            }
+            std::thread::yield_now();
+            for (i, &v) in snap.iter().enumerate() {
+                if child
+                    .read_u64(B + (i as u64 / 3) * PS + (i as u64 % 3) * 8)
+                    .unwrap()
+                    != v
+                {
+                    f.store(true, Ordering::SeqCst);
+                }
+            }
+            clones += 1;
+        }
+        clones
+    });
+    for w in writers {
+        w.join().unwrap();
+    }
+    done.store(true, Ordering::SeqCst);
+    assert!(cloner.join().unwrap() >= 3);
+    assert!(
+        !failed.load(Ordering::SeqCst),
+        "a clone's snapshot changed or a write failed"
+    );
+    for p in 0..PAGES {
+        for t in 0..3u64 {
+            assert_eq!(
+                parent.read_u64(B + p * PS + t * 8).unwrap(),
+                n << 16 | p,
+                "lost write"
+            );
+        }
+    }
+    let top = parent.map.object_at(B).unwrap();
+    assert!(
+        top.arc().chain_len() <= 3,
+        "collapse keeps the chain short: {}",
+        top.arc().chain_len()
+    );
+    drop(daemon);
+}
+
+#[test]
+fn injected_file_writeback_failure_keeps_page_dirty() {
+    let vm = vm(256);
+    let hook = FailHook::new();
+    let mut f = tempfile::tempfile().unwrap();
+    f.write_all(&[1u8; 8192]).unwrap();
+    let mut reader = f.try_clone().unwrap();
+    let fo = vm.file_object(f, true, Some(hook.clone())).unwrap();
+    let m = machine(&vm);
+    m.map
+        .map_file(B, 2 * PS, &fo, 0, ::pager::map::FileMode::Shared)
+        .unwrap();
+    fill(&m, B, 0x5C);
+    hook.set_write(FailMode::NoSpace);
+    assert_eq!(fo.sync(), Err(PagerError::NoSpace));
+    assert_eq!(fo.with_page(0, |p| p.is_dirty()), Some(true));
+    evict_all(&vm);
+    assert_eq!(
+        fo.with_page(0, |p| p.is_dirty()),
+        Some(true),
+        "pageout keeps it too"
+    );
+    hook.set_write(FailMode::None);
+    assert_eq!(fo.sync(), Ok(1));
+    let mut buf = vec![0u8; 4096];
+    use std::io::{Read, Seek};
+    reader.seek(std::io::SeekFrom::Start(0)).unwrap();
+    reader.read_exact(&mut buf).unwrap();
+    assert!(all(&buf, 0x5C));
+    assert!(all(&page_bytes(&m, B), 0x5C));
 }
