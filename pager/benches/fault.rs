@@ -156,6 +156,11 @@ fn benches(c: &mut Criterion) {
         })
     });
     g.finish();
+    let s = vs.stats().snapshot();
+    println!(
+        "swap-in bench: {} major faults, {} pages read, {} written",
+        s.pager_in, s.pages_in, s.pages_out
+    );
 
     let page = std::mem::size_of::<::pager::page::Page>();
     let entry = std::mem::size_of::<(u64, ::pager::page::Page)>();

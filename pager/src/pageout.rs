@@ -70,12 +70,34 @@ pub(crate) fn reclaim(vm: &Vm, free_target: u64) -> u64 {
     r.freed + r.written
 }
 
+/// Scans one object, writing dirty pages in batches until the target is met
+/// or the object has nothing more to give.
 fn scan_object(vm: &Vm, obj: &Arc<Object>, pass: u32, free_target: u64, rep: &mut PageoutReport) {
+    let mut rescan = false;
+    loop {
+        let before = rep.written + rep.freed;
+        let wrote = scan_object_once(vm, obj, pass, free_target, rescan, rep);
+        rescan = true;
+        if wrote == 0 || rep.written + rep.freed == before || vm.pool.free_count() >= free_target {
+            return;
+        }
+    }
+}
+
+/// Returns how many dirty pages it tried to write.
+fn scan_object_once(
+    vm: &Vm,
+    obj: &Arc<Object>,
+    pass: u32,
+    free_target: u64,
+    rescan: bool,
+    rep: &mut PageoutReport,
+) -> usize {
     let mut batch: Vec<PageIo> = Vec::new();
     let pager = {
         let mut g = obj.lock();
         if g.dead || g.kind == ObjectKind::Device {
-            return;
+            return 0;
         }
         let mut to_free = Vec::new();
         let can_swap = match g.kind {
@@ -99,6 +121,10 @@ fn scan_object(vm: &Vm, obj: &Arc<Object>, pass: u32, free_target: u64, rep: &mu
                 if page.queue == Queue::Cache && !page.has(pf::DIRTY) {
                     to_free.push(p);
                 }
+                continue;
+            }
+            if rescan && pass < 3 && page.queue == Queue::Active {
+                // Given its second chance earlier in this pass.
                 continue;
             }
             if test_referenced(vm, page) {
@@ -154,7 +180,7 @@ fn scan_object(vm: &Vm, obj: &Arc<Object>, pass: u32, free_target: u64, rep: &mu
         }
     };
     if batch.is_empty() {
-        return;
+        return 0;
     }
     batch.sort_by_key(|b| b.pindex);
     let res = match &pager {
@@ -188,6 +214,7 @@ fn scan_object(vm: &Vm, obj: &Arc<Object>, pass: u32, free_target: u64, rep: &mu
     g.pip = g.pip.saturating_sub(1);
     drop(g);
     obj.cv.notify_all();
+    batch.len()
 }
 
 /// A running pageout daemon thread; stopped and joined on drop.
