@@ -198,15 +198,16 @@ impl Object {
                     });
                 }
             }
+            g.pip += 1;
             (pager, ios)
         };
         ios.sort_by_key(|p| p.pindex);
-        let res = pager.put_pages(self.id, &self.vm.pool, &mut ios);
+        let mut bw = BusyWrite { obj: self, ios };
+        let res = pager.put_pages(self.id, &self.vm.pool, &mut bw.ios);
         let mut g = self.lock();
         let mut n = 0;
-        for io in &ios {
+        for io in &bw.ios {
             if let Some(page) = g.pages.get_mut(&io.pindex) {
-                page.clear(pf::BUSY);
                 if io.done {
                     n += 1;
                 } else {
@@ -215,8 +216,32 @@ impl Object {
             }
         }
         drop(g);
-        self.cv.notify_all();
+        drop(bw);
         res.map(|_| n)
+    }
+}
+
+/// Pages of one object made busy for a pager write (pageout, `sync`), with a
+/// paging-in-progress count: dropping the guard un-busies whatever is still
+/// busy, drops the count and wakes waiters, whatever path the caller took.
+pub(crate) struct BusyWrite<'a> {
+    pub(crate) obj: &'a Object,
+    pub(crate) ios: Vec<crate::pager::PageIo>,
+}
+
+impl Drop for BusyWrite<'_> {
+    fn drop(&mut self) {
+        let mut g = self.obj.st.lock();
+        for io in &self.ios {
+            if let Some(p) = g.pages.get_mut(&io.pindex) {
+                if p.frame == io.frame {
+                    p.clear(pf::BUSY);
+                }
+            }
+        }
+        g.pip = g.pip.saturating_sub(1);
+        drop(g);
+        self.obj.cv.notify_all();
     }
 }
 

@@ -6,7 +6,7 @@
 //! freed; dirty pages are unmapped *then* written (anonymous objects become
 //! swap objects) and freed. Wired, held and busy pages are skipped.
 
-use crate::object::{Object, ObjectKind};
+use crate::object::{BusyWrite, Object, ObjectKind};
 use crate::page::{pf, Queue};
 use crate::pager::PageIo;
 use crate::pmap::{remove_mappings, test_referenced};
@@ -183,16 +183,18 @@ fn scan_object_once(
         return 0;
     }
     batch.sort_by_key(|b| b.pindex);
+    let n = batch.len();
+    let mut bw = BusyWrite { obj, ios: batch };
     let res = match &pager {
-        Some(p) => p.put_pages(obj.id(), &vm.pool, &mut batch),
+        Some(p) => p.put_pages(obj.id(), &vm.pool, &mut bw.ios),
         None => Err(crate::pager::PagerError::Error),
     };
     if let Err(e) = res {
         log::warn!("pageout: object {} write failed: {e}", obj.id());
     }
     let mut g = obj.lock();
-    let mut frames = Vec::with_capacity(batch.len());
-    for b in &batch {
+    let mut frames = Vec::with_capacity(n);
+    for b in &bw.ios {
         let Some(page) = g.pages.get_mut(&b.pindex) else {
             continue;
         };
@@ -205,16 +207,15 @@ fn scan_object_once(
             rep.written += 1;
             bump(&vm.stats.pages_out);
         } else {
-            page.clear(pf::BUSY);
+            // Still busy: the guard un-busies it.
             rep.errors += 1;
             bump(&vm.stats.pageout_errors);
         }
     }
     vm.pool.free_many(&mut frames);
-    g.pip = g.pip.saturating_sub(1);
     drop(g);
-    obj.cv.notify_all();
-    batch.len()
+    drop(bw);
+    n
 }
 
 /// A running pageout daemon thread; stopped and joined on drop.
