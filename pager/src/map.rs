@@ -454,26 +454,15 @@ impl Map {
         Ok(())
     }
 
+    /// The entry containing `addr` (`vm_map_lookup_entry`).
+    pub fn lookup(&self, addr: u64) -> Option<EntryInfo> {
+        let g = self.inner.read();
+        g.lookup(addr).map(info)
+    }
+
     /// Entry snapshots.
     pub fn entries(&self) -> Vec<EntryInfo> {
-        self.inner
-            .read()
-            .entries
-            .values()
-            .map(|e| EntryInfo {
-                start: e.start,
-                end: e.end,
-                object_id: e.object.id(),
-                offset: e.offset,
-                protection: e.protection,
-                max_protection: e.max_protection,
-                wired_count: e.wired_count,
-                behavior: e.behavior,
-                maptype: e.maptype,
-                needs_copy: e.needs_copy,
-                lastr: e.lastr.load(Ordering::Relaxed),
-            })
-            .collect()
+        self.inner.read().entries.values().map(info).collect()
     }
 
     /// The object of the entry at `addr` (after any shadowing).
@@ -544,6 +533,7 @@ impl Map {
     /// copy-on-write (`needs_copy`, parent write-protected), shared entries
     /// are shared, wired entries are copied now (`vm_fault_copy_entry`).
     /// Costs O(entries), not O(resident pages).
+    #[doc(alias = "clone")]
     pub fn fork(&self, pmap: Arc<dyn Pmap>) -> Result<Arc<Map>, MapError> {
         let child = Map::new(&self.vm, pmap);
         let mut g = self.inner.write();
@@ -582,6 +572,22 @@ impl Map {
         let g = self.inner.read();
         let e = g.lookup(addr)?;
         find_resident(e.object.arc(), e.pindex(addr)).map(|(o, p, f, _)| (o, p, f))
+    }
+}
+
+fn info(e: &MapEntry) -> EntryInfo {
+    EntryInfo {
+        start: e.start,
+        end: e.end,
+        object_id: e.object.id(),
+        offset: e.offset,
+        protection: e.protection,
+        max_protection: e.max_protection,
+        wired_count: e.wired_count,
+        behavior: e.behavior,
+        maptype: e.maptype,
+        needs_copy: e.needs_copy,
+        lastr: e.lastr.load(Ordering::Relaxed),
     }
 }
 
