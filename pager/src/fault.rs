@@ -486,8 +486,21 @@ pub(crate) fn resolve(
             };
         }
         if let Some(pg) = g.pages.get(&pindex) {
-            if pg.has(pf::BUSY) || !pg.has(pf::VALID) {
+            if pg.has(pf::BUSY) {
                 return Step::WaitBusy(obj.clone(), pindex);
+            }
+            if !pg.has(pf::VALID) {
+                // Only busy placeholders are invalid; never wait on one that
+                // nobody will finish (that would hang): drop it, look again.
+                log::error!(
+                    "vm_fault: stray invalid page {} in object {}",
+                    pindex,
+                    obj.id
+                );
+                if let Some(p) = g.pages.remove(&pindex) {
+                    vm.pool.free(p.frame, true);
+                }
+                return Step::Retry;
             }
             chain.push((obj, g, pindex));
             found_depth = Some(depth);

@@ -202,7 +202,11 @@ impl Object {
             (pager, ios)
         };
         ios.sort_by_key(|p| p.pindex);
-        let mut bw = BusyWrite { obj: self, ios };
+        let mut bw = BusyWrite {
+            obj: self,
+            ios,
+            armed: true,
+        };
         let res = pager.put_pages(self.id, &self.vm.pool, &mut bw.ios);
         let mut g = self.lock();
         let mut n = 0;
@@ -215,8 +219,8 @@ impl Object {
                 }
             }
         }
+        bw.finish(&mut g);
         drop(g);
-        drop(bw);
         res.map(|_| n)
     }
 }
@@ -227,10 +231,33 @@ impl Object {
 pub(crate) struct BusyWrite<'a> {
     pub(crate) obj: &'a Object,
     pub(crate) ios: Vec<crate::pager::PageIo>,
+    pub(crate) armed: bool,
+}
+
+impl BusyWrite<'_> {
+    /// Un-busies the pages still here, under the caller's lock (so a frame
+    /// the caller just freed cannot have been reused for a new busy page at
+    /// the same index), and drops the paging-in-progress count.
+    pub(crate) fn finish(mut self, g: &mut ObjState) {
+        for io in &self.ios {
+            if let Some(p) = g.pages.get_mut(&io.pindex) {
+                if p.frame == io.frame {
+                    p.clear(pf::BUSY);
+                }
+            }
+        }
+        g.pip = g.pip.saturating_sub(1);
+        self.armed = false;
+    }
 }
 
 impl Drop for BusyWrite<'_> {
     fn drop(&mut self) {
+        if !self.armed {
+            self.obj.cv.notify_all();
+            return;
+        }
+        // Early exit: nothing was freed, so every (pindex, frame) is ours.
         let mut g = self.obj.st.lock();
         for io in &self.ios {
             if let Some(p) = g.pages.get_mut(&io.pindex) {

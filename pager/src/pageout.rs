@@ -184,7 +184,11 @@ fn scan_object_once(
     }
     batch.sort_by_key(|b| b.pindex);
     let n = batch.len();
-    let mut bw = BusyWrite { obj, ios: batch };
+    let mut bw = BusyWrite {
+        obj,
+        ios: batch,
+        armed: true,
+    };
     let res = match &pager {
         Some(p) => p.put_pages(obj.id(), &vm.pool, &mut bw.ios),
         None => Err(crate::pager::PagerError::Error),
@@ -213,8 +217,8 @@ fn scan_object_once(
         }
     }
     vm.pool.free_many(&mut frames);
+    bw.finish(&mut g);
     drop(g);
-    drop(bw);
     n
 }
 

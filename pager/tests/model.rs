@@ -26,7 +26,13 @@ enum Op {
     Advise(usize, u8),
     SharedWrite(usize, u64, u8),
     SharedRead(usize, u64),
+    FileWrite(usize, u64, u8),
+    FileRead(usize, u64),
 }
+
+/// A private mapping of a host file (file object under an anonymous shadow).
+const FP: u64 = 0x3000_0000;
+const FP_PAGES: u64 = 4;
 
 /// A region mapped shared (`Inherit::Share`): clones see each other's writes.
 const SH: u64 = 0x2000_0000;
@@ -50,7 +56,9 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (m.clone(), p.clone(), any::<u8>()).prop_map(|(a, b, c)| Op::GuestWrite(a, b, c)),
         1 => (m.clone(), 0..3u8).prop_map(|(a, b)| Op::Advise(a, b)),
         2 => (m.clone(), 0..SH_PAGES, any::<u8>()).prop_map(|(a, b, c)| Op::SharedWrite(a, b, c)),
-        2 => (m, 0..SH_PAGES).prop_map(|(a, b)| Op::SharedRead(a, b)),
+                2 => (m.clone(), 0..SH_PAGES).prop_map(|(a, b)| Op::SharedRead(a, b)),
+        2 => (m.clone(), 0..FP_PAGES, any::<u8>()).prop_map(|(a, b, c)| Op::FileWrite(a, b, c)),
+        2 => (m, 0..FP_PAGES).prop_map(|(a, b)| Op::FileRead(a, b)),
     ]
 }
 
@@ -67,14 +75,22 @@ struct World {
 }
 
 fn fresh() -> Vec<ModelPage> {
-    vec![
+    let mut v = vec![
         ModelPage {
             byte: 0,
             writable: true,
             wired: false
         };
         PAGES as usize
-    ]
+    ];
+    for q in 0..FP_PAGES {
+        v.push(ModelPage {
+            byte: 0xF0 + q as u8,
+            writable: true,
+            wired: false,
+        });
+    }
+    v
 }
 
 fn check_page(m: &SoftMachine, p: u64, want: u8) -> Result<(), TestCaseError> {
@@ -116,6 +132,16 @@ fn run(ops: Vec<Op>, collapse_auto: bool) -> Result<(), TestCaseError> {
         )
         .unwrap();
     let mut shared = [0u8; SH_PAGES as usize];
+    let mut file = tempfile::tempfile().unwrap();
+    for q in 0..FP_PAGES {
+        std::io::Write::write_all(&mut file, &[0xF0 + q as u8; 4096]).unwrap();
+    }
+    let fo = vm.file_object(file, false, None).unwrap();
+    first
+        .map
+        .map_file(FP, FP_PAGES * PS, &fo, 0, ::pager::map::FileMode::Private)
+        .unwrap();
+    drop(fo);
     let mut w = World {
         vm,
         maps: vec![(first, fresh())],
@@ -234,6 +260,15 @@ fn run(ops: Vec<Op>, collapse_auto: bool) -> Result<(), TestCaseError> {
                 let (m, _) = &w.maps[i % n];
                 check_page_at(m, SH + p * PS, shared[p as usize])?;
             }
+            Op::FileWrite(i, q, b) => {
+                let (m, model) = &mut w.maps[i % n];
+                m.write(FP + q * PS, &[b; 4096]).unwrap();
+                model[(PAGES + q) as usize].byte = b;
+            }
+            Op::FileRead(i, q) => {
+                let (m, model) = &w.maps[i % n];
+                check_page_at(m, FP + q * PS, model[(PAGES + q) as usize].byte)?;
+            }
             Op::Collapse(i) => {
                 let (m, _) = &w.maps[i % n];
                 for e in m.map.entries() {
@@ -251,6 +286,9 @@ fn run(ops: Vec<Op>, collapse_auto: bool) -> Result<(), TestCaseError> {
         }
         for p in 0..SH_PAGES {
             check_page_at(m, SH + p * PS, shared[p as usize])?;
+        }
+        for q in 0..FP_PAGES {
+            check_page_at(m, FP + q * PS, model[(PAGES + q) as usize].byte)?;
         }
     }
     Ok(())
