@@ -433,3 +433,92 @@ fn injected_file_writeback_failure_keeps_page_dirty() {
     assert!(all(&buf, 0x5C));
     assert!(all(&page_bytes(&m, B), 0x5C));
 }
+
+/// Each thread runs random operations on its own clone of a common parent
+/// (so the objects underneath are shared through COW chains that change
+/// under everyone: shadows, renames, collapses, pageout) and checks every
+/// read against its own model.
+#[test]
+fn concurrent_random_ops_on_sibling_clones() {
+    const PAGES: u64 = 16;
+    let steps = iters(400);
+    let vm = Vm::new(Config {
+        free_target: 8,
+        ..cfg(40)
+    })
+    .unwrap();
+    let daemon = PageoutDaemon::start(&vm).unwrap();
+    let parent = machine(&vm);
+    parent.map.map_anon(B, PAGES * PS, Prot::RW).unwrap();
+    for p in 0..PAGES {
+        fill(&parent, B + p * PS, p as u8);
+    }
+    let mut threads = Vec::new();
+    for t in 0..3u64 {
+        let cp = SoftPmap::new();
+        let mine = SoftMachine::with(parent.map.fork(cp.clone()).unwrap(), cp);
+        let vm = vm.clone();
+        threads.push(std::thread::spawn(move || -> Result<(), String> {
+            let mut model: Vec<u8> = (0..PAGES as u8).collect();
+            let mut m = mine;
+            let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (t + 1);
+            let mut rnd = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            for step in 0..steps {
+                let p = rnd() % PAGES;
+                match rnd() % 10 {
+                    0..=3 => {
+                        let b = rnd() as u8;
+                        m.write(B + p * PS, &[b; 4096])
+                            .map_err(|e| format!("write: {e}"))?;
+                        model[p as usize] = b;
+                    }
+                    4..=6 => {
+                        let got = page_bytes(&m, B + p * PS);
+                        if !all(&got, model[p as usize]) {
+                            return Err(format!(
+                                "thread {t} step {step} page {p}: {:#x} want {:#x}",
+                                got[0], model[p as usize]
+                            ));
+                        }
+                    }
+                    7 => {
+                        // Replace my map by a clone of it (the old one dies).
+                        let cp = SoftPmap::new();
+                        let child = SoftMachine::with(m.map.fork(cp.clone()).unwrap(), cp);
+                        m = child;
+                    }
+                    8 => {
+                        run_once(&vm, 20);
+                    }
+                    _ => {
+                        if let Some(o) = m.map.object_at(B) {
+                            collapse(o.arc());
+                        }
+                    }
+                }
+            }
+            for p in 0..PAGES {
+                if !all(&page_bytes(&m, B + p * PS), model[p as usize]) {
+                    return Err(format!("thread {t} final page {p}"));
+                }
+            }
+            Ok(())
+        }));
+    }
+    for th in threads {
+        th.join().unwrap().unwrap();
+    }
+    for p in 0..PAGES {
+        assert!(
+            all(&page_bytes(&parent, B + p * PS), p as u8),
+            "the parent never changes"
+        );
+    }
+    assert!(vm.pool().resident() <= 40);
+    drop(daemon);
+}
