@@ -40,6 +40,8 @@ pub struct ObjState {
     pub(crate) pager: Option<Arc<dyn Pager>>,
     /// Paging in progress: I/O on this object is running (blocks collapse).
     pub(crate) pip: u32,
+    /// Pageout's clock hand (position in the page table's iteration order).
+    pub(crate) scan_hand: usize,
 }
 
 /// A VM object.
@@ -82,6 +84,7 @@ impl Object {
                 handle,
                 pager,
                 pip: 0,
+                scan_hand: 0,
             })),
             cv: Condvar::new(),
         });

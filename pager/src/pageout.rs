@@ -70,34 +70,44 @@ pub(crate) fn reclaim(vm: &Vm, free_target: u64) -> u64 {
     r.freed + r.written
 }
 
-/// Scans one object, writing dirty pages in batches until the target is met
-/// or the object has nothing more to give.
+/// Scans one object from its clock hand, chunk by chunk, at most one
+/// revolution per pass (so each page is visited once per pass), until the
+/// target is met.
 fn scan_object(vm: &Vm, obj: &Arc<Object>, pass: u32, free_target: u64, rep: &mut PageoutReport) {
-    let mut rescan = false;
-    loop {
+    let total = obj.st.lock().pages.len();
+    let mut looked_total = 0;
+    while looked_total < total {
         let before = rep.written + rep.freed;
-        let wrote = scan_object_once(vm, obj, pass, free_target, rescan, rep);
-        rescan = true;
-        if wrote == 0 || rep.written + rep.freed == before || vm.pool.free_count() >= free_target {
+        let (looked, wrote) = scan_chunk(vm, obj, pass, free_target, rep);
+        looked_total += looked;
+        if looked == 0 || vm.pool.free_count() >= free_target {
+            return;
+        }
+        if wrote > 0 && rep.written + rep.freed == before {
+            // Writes are failing (swap full, I/O errors): stop here.
             return;
         }
     }
 }
 
-/// Returns how many dirty pages it tried to write.
-fn scan_object_once(
+/// Pages visited per chunk (bounds the time an object lock is held).
+const SCAN_CHUNK: usize = 512;
+
+/// Scans up to `SCAN_CHUNK` pages from the hand; returns (pages visited,
+/// dirty pages it tried to write).
+fn scan_chunk(
     vm: &Vm,
     obj: &Arc<Object>,
     pass: u32,
     free_target: u64,
-    rescan: bool,
     rep: &mut PageoutReport,
-) -> usize {
+) -> (usize, usize) {
     let mut batch: Vec<PageIo> = Vec::new();
+    let mut looked = 0;
     let pager = {
         let mut g = obj.lock();
         if g.dead || g.kind == ObjectKind::Device {
-            return 0;
+            return (0, 0);
         }
         let mut to_free = Vec::new();
         let can_swap = match g.kind {
@@ -105,11 +115,22 @@ fn scan_object_once(
             ObjectKind::File => g.pager.is_some(),
             ObjectKind::Device => false,
         };
-        let keys: Vec<u64> = g.pages.keys().copied().collect();
+        let n = g.pages.len();
+        let start = if g.scan_hand >= n { 0 } else { g.scan_hand };
+        let keys: Vec<u64> = g
+            .pages
+            .keys()
+            .skip(start)
+            .take(SCAN_CHUNK)
+            .copied()
+            .collect();
         for p in keys {
-            if vm.pool.free_count() + to_free.len() as u64 + batch.len() as u64 >= free_target {
+            if vm.pool.free_count() + to_free.len() as u64 + batch.len() as u64 >= free_target
+                || batch.len() >= WRITE_BATCH
+            {
                 break;
             }
+            looked += 1;
             let Some(page) = g.pages.get_mut(&p) else {
                 continue;
             };
@@ -123,10 +144,7 @@ fn scan_object_once(
                 }
                 continue;
             }
-            if rescan && pass < 3 && page.queue == Queue::Active {
-                // Given its second chance earlier in this pass.
-                continue;
-            }
+
             if test_referenced(vm, page) {
                 page.set(pf::REFERENCED);
             }
@@ -146,7 +164,7 @@ fn scan_object_once(
             }
             if !page.has(pf::DIRTY) {
                 to_free.push(p);
-            } else if can_swap && batch.len() < WRITE_BATCH {
+            } else if can_swap {
                 page.set(pf::BUSY);
                 page.queue = Queue::Inactive;
                 batch.push(PageIo {
@@ -158,6 +176,7 @@ fn scan_object_once(
                 page.queue = Queue::Inactive;
             }
         }
+        g.scan_hand = start + looked;
         let mut frames = Vec::with_capacity(to_free.len());
         for p in to_free {
             if let Some(page) = g.pages.remove(&p) {
@@ -180,7 +199,7 @@ fn scan_object_once(
         }
     };
     if batch.is_empty() {
-        return 0;
+        return (looked, 0);
     }
     batch.sort_by_key(|b| b.pindex);
     let n = batch.len();
@@ -219,7 +238,7 @@ fn scan_object_once(
     vm.pool.free_many(&mut frames);
     bw.finish(&mut g);
     drop(g);
-    n
+    (looked, n)
 }
 
 /// A running pageout daemon thread; stopped and joined on drop.
