@@ -218,11 +218,19 @@ pub struct Map {
     pub(crate) pagesupply: AtomicI64,
 }
 
+/// Highest mappable address: reverse-map entries pack the virtual page
+/// number in 44 bits.
+pub const MAX_ADDRESS: u64 = 1 << 56;
+
 fn check_range(start: u64, len: u64) -> Result<u64, MapError> {
     if len == 0 || !start.is_multiple_of(PS) || !len.is_multiple_of(PS) {
         return Err(MapError::BadRange);
     }
-    start.checked_add(len).ok_or(MapError::BadRange)
+    let end = start.checked_add(len).ok_or(MapError::BadRange)?;
+    if end > MAX_ADDRESS {
+        return Err(MapError::BadRange);
+    }
+    Ok(end)
 }
 
 impl Map {

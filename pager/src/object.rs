@@ -396,7 +396,7 @@ fn terminate(obj: &Arc<Object>) {
     if let Some(p) = pager {
         p.object_dead(obj.id);
     }
-    if let Some(b) = obc_frame_release(obj) {
+    if let Some(b) = frame_range(obj) {
         obj.vm.pool.release_range(b.0, b.1);
     }
     obj.cv.notify_all();
@@ -406,7 +406,7 @@ fn terminate(obj: &Arc<Object>) {
     }
 }
 
-fn obc_frame_release(obj: &Object) -> Option<(u64, u64)> {
+fn frame_range(obj: &Object) -> Option<(u64, u64)> {
     obj.frame_base.map(|b| (b, obj.frame_len))
 }
 
@@ -492,7 +492,7 @@ pub fn collapse(top: &Arc<Object>) -> usize {
             remove_mappings(vm, &mut page);
             vm.pool.free(page.frame, !page.has(pf::ZERO));
         }
-        if let Some(b) = obc_frame_release(&back) {
+        if let Some(b) = frame_range(&back) {
             vm.pool.release_range(b.0, b.1);
         }
         back.cv.notify_all();

@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 /// One in-memory entry on the walk path, its table page held.
 pub(crate) struct PathEnt {
-    held: Held,
+    // Keeps the table page from being paged out until the A/M update.
+    _held: Held,
     obj: Arc<Object>,
     pindex: u64,
     frame: Frame,
@@ -111,7 +112,7 @@ pub(crate) fn walk(
         };
         vpte = word.load(Ordering::Acquire);
         path.push(PathEnt {
-            held,
+            _held: held,
             obj,
             pindex,
             frame,
@@ -176,6 +177,5 @@ pub(crate) fn set_accessed(vm: &Vm, w: &Walk, fault_type: Prot) {
                 p.clear(pf::ZERO);
             }
         }
-        let _ = &ent.held;
     }
 }
