@@ -418,3 +418,63 @@ impl Drop for FramePool {
         };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_preferred_frames_and_holes() {
+        let p = FramePool::new(1 << 26, 4).unwrap();
+        let base = p.reserve_range(8).unwrap();
+        let f = p.alloc(Some(base + 3)).unwrap();
+        assert_eq!(f, base + 3);
+        // Taken: another request for it gets a general frame.
+        let g = p.alloc(Some(base + 3)).unwrap();
+        assert_ne!(g, f);
+        p.write(f, 100, &[7; 8]).unwrap();
+        let _ = p.alloc(None).unwrap();
+        let _ = p.alloc(None).unwrap();
+        assert!(p.alloc(None).is_none(), "budget of 4 enforced");
+        p.free(f, true);
+        assert_eq!(p.resident(), 3);
+        let f2 = p.alloc(Some(base + 3)).unwrap();
+        assert_eq!(f2, f);
+        let mut b = [1u8; 8];
+        p.read(f2, 100, &mut b).unwrap();
+        assert_eq!(b, [0; 8], "a freed frame is a hole: zero");
+    }
+
+    #[test]
+    fn bounds_are_errors_not_panics() {
+        let p = FramePool::new(1 << 22, 16).unwrap();
+        let mut b = [0u8; 16];
+        assert!(p.read(p.nframes(), 0, &mut b).is_err());
+        assert!(p.read(0, 4090, &mut b).is_err());
+        assert!(p.write(0, usize::MAX, &b).is_err());
+        assert!(p.atomic_u64(0, 4092).is_err());
+        assert!(p.atomic_u64(0, 4).is_err());
+        assert!(p.atomic_u64(0, 4088).is_ok());
+        assert!(p.copy(0, p.nframes()).is_err());
+        assert!(p.frame_ptr(p.nframes()).is_null());
+        p.free(p.nframes() + 5, true);
+    }
+
+    #[test]
+    fn free_many_punches_runs() {
+        let p = FramePool::new(1 << 26, 64).unwrap();
+        let base = p.reserve_range(16).unwrap();
+        let mut v = Vec::new();
+        for i in 0..16 {
+            let f = p.alloc(Some(base + i)).unwrap();
+            p.write(f, 0, &[9; 16]).unwrap();
+            v.push((f, true));
+        }
+        p.free_many(&mut v);
+        assert_eq!(p.resident(), 0);
+        let f = p.alloc(Some(base + 5)).unwrap();
+        let mut b = [1u8; 16];
+        p.read(f, 0, &mut b).unwrap();
+        assert_eq!(b, [0; 16]);
+    }
+}
