@@ -831,11 +831,13 @@ fn prepare_pagein(
     })
 }
 
-/// Undoes a page-in's placeholders unless committed.
+/// Owns a page-in's busy placeholders: unless committed, dropping it (on
+/// any path, unwinding included) removes them and frees their frames, drops
+/// the paging-in-progress count and wakes waiters.
 struct PlaceholderGuard<'a> {
     vm: &'a Vm,
     obj: &'a Arc<Object>,
-    ios: &'a [PageIo],
+    ios: Vec<PageIo>,
     committed: bool,
 }
 
@@ -844,7 +846,7 @@ impl Drop for PlaceholderGuard<'_> {
         let mut g = self.obj.lock();
         g.pip = g.pip.saturating_sub(1);
         if !self.committed {
-            for x in self.ios {
+            for x in &self.ios {
                 if g.pages
                     .get(&x.pindex)
                     .is_some_and(|p| p.has(pf::BUSY) && p.frame == x.frame)
@@ -860,22 +862,26 @@ impl Drop for PlaceholderGuard<'_> {
 }
 
 /// Runs the pager with no lock held (`vm_pager_get_pages`).
-fn page_in(fs: &mut Fs, mut req: PageInReq) -> Result<(), FaultError> {
+fn page_in(fs: &mut Fs, req: PageInReq) -> Result<(), FaultError> {
     let vm = fs.vm;
-    let r = req
-        .pager
-        .get_pages(req.obj.id, &vm.pool, &mut req.ios, req.reqpage);
+    let PageInReq {
+        obj,
+        pager,
+        ios,
+        reqpage,
+    } = req;
     let mut guard = PlaceholderGuard {
         vm,
-        obj: &req.obj,
-        ios: &req.ios,
+        obj: &obj,
+        ios,
         committed: false,
     };
+    let r = pager.get_pages(obj.id, &vm.pool, &mut guard.ios, reqpage);
     match r {
-        Ok(()) if req.ios.get(req.reqpage).is_some_and(|x| x.done) => {
-            let mut g = req.obj.lock();
+        Ok(()) if guard.ios.get(reqpage).is_some_and(|x| x.done) => {
+            let mut g = obj.lock();
             let mut n = 0;
-            for (i, x) in req.ios.iter().enumerate() {
+            for (i, x) in guard.ios.iter().enumerate() {
                 let ours = g
                     .pages
                     .get(&x.pindex)
@@ -889,8 +895,8 @@ fn page_in(fs: &mut Fs, mut req: PageInReq) -> Result<(), FaultError> {
                         p.queue = Queue::Inactive;
                         n += 1;
                     }
-                    if i == req.reqpage {
-                        if let Some(h) = Held::new(&mut g, &req.obj, x.pindex) {
+                    if i == reqpage {
+                        if let Some(h) = Held::new(&mut g, &obj, x.pindex) {
                             fs.helds.push(h);
                         }
                     }
@@ -908,14 +914,14 @@ fn page_in(fs: &mut Fs, mut req: PageInReq) -> Result<(), FaultError> {
         Ok(()) | Err(PagerError::Error) | Err(PagerError::NoSpace) => {
             log::warn!(
                 "vm_fault: pager read error, object {} page {}",
-                req.obj.id,
-                req.ios.get(req.reqpage).map_or(0, |x| x.pindex)
+                obj.id,
+                guard.ios.get(reqpage).map_or(0, |x| x.pindex)
             );
             Err(FaultError::Failure)
         }
         Err(PagerError::Bad) => Err(FaultError::Protection),
         Err(PagerError::Fail) => {
-            fs.skip.push(req.obj.id);
+            fs.skip.push(obj.id);
             Ok(())
         }
     }
