@@ -333,7 +333,7 @@ fn generation_change_retries() {
         .unwrap();
     m.map.map_anon(B + 64 * PS, PS, Prot::RW).unwrap();
     let map2 = m.map.clone();
-    *mp.on_get.lock() = Some(Box::new(move || {
+    *mp.on_get.lock() = Some(Arc::new(move || {
         // The map changes while the pager sleeps.
         map2.madvise(B + 64 * PS, PS, Behavior::Random).unwrap();
     }));
@@ -765,7 +765,7 @@ fn pageout_skips_wired_and_busy() {
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
     let rx = parking_lot::Mutex::new(rx);
-    *mp.on_get.lock() = Some(Box::new(move || {
+    *mp.on_get.lock() = Some(Arc::new(move || {
         let _ = started_tx.send(());
         let _ = rx.lock().recv();
     }));
@@ -809,7 +809,7 @@ fn pageout_dirty_written_before_freed() {
     let pm = m.pmap.clone();
     let unmapped_first = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let u2 = unmapped_first.clone();
-    *mp.on_put.lock() = Some(Box::new(move |pages: &[PageIo]| {
+    *mp.on_put.lock() = Some(Arc::new(move |pages: &[PageIo]| {
         for p in pages {
             if pm.extract(B + p.pindex * PS).is_some() {
                 u2.store(false, std::sync::atomic::Ordering::SeqCst);

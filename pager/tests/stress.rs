@@ -227,7 +227,7 @@ fn concurrent_faults_with_pageout_no_deadlock_no_lost_write() {
 fn same_page_faulted_by_many_threads_is_resolved_once() {
     let vm = vm(1024);
     let (o, mp) = mem_object(&vm, 8, 8, (0, 0));
-    *mp.on_get.lock() = Some(Box::new(|| {
+    *mp.on_get.lock() = Some(Arc::new(|| {
         std::thread::sleep(std::time::Duration::from_millis(30))
     }));
     let m = Arc::new(machine(&vm));
@@ -521,4 +521,91 @@ fn concurrent_random_ops_on_sibling_clones() {
     }
     assert!(vm.pool().resident() <= 40);
     drop(daemon);
+}
+
+#[test]
+fn faults_on_other_pages_proceed_during_pager_io() {
+    let vm = vm(1024);
+    let (o, mp) = mem_object(&vm, 64, 64, (0, 0));
+    let m = Arc::new(machine(&vm));
+    m.map
+        .map_object(
+            B,
+            64 * PS,
+            o,
+            0,
+            Prot::READ,
+            Prot::ALL,
+            ::pager::map::Inherit::Copy,
+            false,
+        )
+        .unwrap();
+    m.map.map_anon(B + 128 * PS, 4 * PS, Prot::RW).unwrap();
+    m.map
+        .madvise(B, 64 * PS, ::pager::map::Behavior::Random)
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+    let rx = parking_lot::Mutex::new(rx);
+    let first = AtomicBool::new(true);
+    *mp.on_get.lock() = Some(Arc::new(move || {
+        if first.swap(false, Ordering::SeqCst) {
+            let _ = started_tx.send(());
+            let _ = rx.lock().recv_timeout(std::time::Duration::from_secs(10));
+        }
+    }));
+    let m2 = m.clone();
+    let slow = std::thread::spawn(move || {
+        fault(&m2.map, B + 10 * PS, Prot::READ, FaultFlags::NONE).map(|r| r.kind)
+    });
+    started_rx.recv().unwrap();
+    // The slow page-in holds no map or object lock: another page of the same
+    // object, an anonymous page and a map change all go through meanwhile.
+    let t0 = std::time::Instant::now();
+    assert_eq!(
+        fault(&m.map, B + 20 * PS, Prot::READ, FaultFlags::NONE)
+            .unwrap()
+            .kind,
+        FaultKind::PagerIn
+    );
+    assert_eq!(
+        fault(&m.map, B + 128 * PS, Prot::WRITE, FaultFlags::NONE)
+            .unwrap()
+            .kind,
+        FaultKind::ZeroFill
+    );
+    m.map.protect(B + 128 * PS, PS, Prot::READ).unwrap();
+    assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+    tx.send(()).unwrap();
+    assert_eq!(slow.join().unwrap(), Ok(FaultKind::PagerIn));
+    assert!(
+        vm.stats().snapshot().retries >= 1,
+        "the slow fault saw the map change"
+    );
+}
+
+#[test]
+fn access_holds_page_while_accessed() {
+    let vm = vm(64);
+    let m = machine(&vm);
+    let o = m.map.map_anon(B, 4 * PS, Prot::RW).unwrap();
+    fill(&m, B + PS, 0x31);
+    evict_all(&vm);
+    assert_eq!(o.resident(), 0);
+    let vm2 = vm.clone();
+    let mut seen = Vec::new();
+    access(&m.map, B + PS, 64, false, |_, bytes| {
+        // Pageout runs while the VMM looks at the page: it must stay.
+        evict_all(&vm2);
+        seen.extend_from_slice(bytes);
+    })
+    .unwrap();
+    assert!(all(&seen, 0x31));
+    assert_eq!(
+        o.with_page(1, |p| p.hold_count()),
+        Some(0),
+        "released afterwards"
+    );
+    evict_all(&vm);
+    assert!(o.with_page(1, |_| ()).is_none(), "pageable again");
 }
