@@ -256,15 +256,25 @@ impl PageoutDaemon {
         let handle = std::thread::Builder::new()
             .name("pageout".into())
             .spawn(move || {
+                let mut idle = false;
                 while !s.load(Ordering::Relaxed) {
+                    // Aim for twice the fault path's target, but never for
+                    // more than half the budget (small budgets would thrash).
+                    let target = (v.config.free_target * 2)
+                        .min(v.pool.max_resident() / 2)
+                        .max(1);
                     {
                         let mut g = v.pageout_lock.lock();
-                        if v.pool.free_count() >= v.config.free_target * 2 {
+                        if idle || v.pool.free_count() >= target {
                             let _ = v.pageout_wake.wait_for(&mut g, Duration::from_millis(20));
                         }
                     }
-                    if v.pool.free_count() < v.config.free_target * 2 {
-                        run_once(&v, v.config.free_target * 2);
+                    idle = false;
+                    if v.pool.free_count() < target {
+                        let r = run_once(&v, target);
+                        // Nothing pageable (all wired, held or unwritable):
+                        // wait for a wakeup instead of spinning.
+                        idle = r.freed + r.written == 0;
                     }
                 }
             })?;
