@@ -43,7 +43,8 @@ impl SwapPager {
             .create(true)
             .truncate(true)
             .open(path)?;
-        let nslots = bytes / PAGE_SIZE as u64;
+        // Slots are u32 in the block maps (16 TiB of swap).
+        let nslots = (bytes / PAGE_SIZE as u64).min(u32::MAX as u64);
         file.set_len(nslots * PAGE_SIZE as u64)?;
         if unlink {
             std::fs::remove_file(path)?;
