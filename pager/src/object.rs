@@ -387,12 +387,15 @@ fn terminate(obj: &Arc<Object>) {
             g.pager.clone(),
         )
     };
+    let mut frames = Vec::with_capacity(pages.len());
     for (_, mut page) in pages {
         remove_mappings(&obj.vm, &mut page);
         if !page.has(pf::FICTITIOUS) {
-            obj.vm.pool.free(page.frame, !page.has(pf::ZERO));
+            frames.push((page.frame, !page.has(pf::ZERO)));
         }
     }
+    // Preferred frames make an object's pages contiguous: punch in runs.
+    obj.vm.pool.free_many(&mut frames);
     if let Some(p) = pager {
         p.object_dead(obj.id);
     }
