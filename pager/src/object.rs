@@ -438,7 +438,12 @@ pub fn collapse(top: &Arc<Object>) -> usize {
                 .pages
                 .values()
                 .any(|p| p.has(pf::BUSY) || p.hold_count > 0)
-            && !sg.pages.values().any(|p| p.has(pf::BUSY));
+                        && !sg.pages.values().any(|p| p.has(pf::BUSY))
+            // Swap blocks can only move within one pager.
+            && match (&sg.pager, &bg.pager) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => true,
+            };
         if !ok {
             return merged;
         }
