@@ -89,13 +89,14 @@ pub enum FaultKind {
 pub struct Held {
     obj: Arc<Object>,
     pindex: u64,
+    armed: bool,
 }
 
 impl Held {
     pub(crate) fn new(g: &mut ObjGuard, obj: &Arc<Object>, pindex: u64) -> Option<Held> {
         let p = g.pages.get_mut(&pindex)?;
         p.hold_count = p.hold_count.saturating_add(1);
-        Some(Held { obj: obj.clone(), pindex })
+        Some(Held { obj: obj.clone(), pindex, armed: true })
     }
     /// The frame of the held page.
     pub fn frame(&self) -> Option<Frame> {
@@ -105,6 +106,9 @@ impl Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         let mut g = self.obj.st.lock();
         if let Some(p) = g.pages.get_mut(&self.pindex) {
             p.hold_count = p.hold_count.saturating_sub(1);
@@ -421,8 +425,17 @@ pub(crate) fn resolve(
             return if depth == 0 { Step::Err(FaultError::Protection) } else { Step::Retry };
         }
         if let Some(pg) = g.pages.get(&pindex) {
-            if pg.has(pf::BUSY) || !pg.has(pf::VALID) {
+            if pg.has(pf::BUSY) {
                 return Step::WaitBusy(obj.clone(), pindex);
+            }
+            if !pg.has(pf::VALID) {
+                // Only busy placeholders are invalid; never wait on one that
+                // nobody will finish (that would hang): drop it, look again.
+                log::error!("vm_fault: stray invalid page {} in object {}", pindex, obj.id);
+                if let Some(p) = g.pages.remove(&pindex) {
+                    vm.pool.free(p.frame, true);
+                }
+                return Step::Retry;
             }
             chain.push((obj, g, pindex));
             found_depth = Some(depth);
@@ -522,8 +535,10 @@ pub(crate) fn resolve(
     let Some((fo, mut fg, fp)) = chain.pop() else {
         return Step::Retry;
     };
+    // Our own hold (from the page-in that brought the page) does not count.
+    let own = fs.helds.iter().filter(|h| h.armed && h.pindex == bp && Arc::ptr_eq(&h.obj, &bo)).count() as u16;
     let (can_move, src) = match bg.pages.get(&bp) {
-        Some(pg) => (pg.wire_count == 0 && pg.hold_count == 0 && !pg.has(pf::FICTITIOUS), pg.frame),
+        Some(pg) => (pg.wire_count == 0 && pg.hold_count <= own && !pg.has(pf::FICTITIOUS), pg.frame),
         None => return Step::Retry,
     };
     // The seed's rename conditions (the map lock is held, so the generation
@@ -538,6 +553,11 @@ pub(crate) fn resolve(
         let Some(mut page) = bg.pages.remove(&bp) else {
             return Step::Retry;
         };
+        // The page leaves `bo`: drop our holds on it here, under the lock.
+        for h in fs.helds.iter_mut().filter(|h| h.armed && h.pindex == bp && Arc::ptr_eq(&h.obj, &bo)) {
+            h.armed = false;
+            page.hold_count = page.hold_count.saturating_sub(1);
+        }
         if let Some(p) = &bg.pager {
             p.page_unswapped(bo.id, bp);
         }
@@ -679,11 +699,13 @@ fn prepare_pagein(
     Step::PageIn(PageInReq { obj: obj.clone(), pager, ios, reqpage })
 }
 
-/// Undoes a page-in's placeholders unless committed.
+/// Owns a page-in's busy placeholders: unless committed, dropping it (on
+/// any path, unwinding included) removes them and frees their frames, drops
+/// the paging-in-progress count and wakes waiters.
 struct PlaceholderGuard<'a> {
     vm: &'a Vm,
     obj: &'a Arc<Object>,
-    ios: &'a [PageIo],
+    ios: Vec<PageIo>,
     committed: bool,
 }
 
@@ -692,7 +714,7 @@ impl Drop for PlaceholderGuard<'_> {
         let mut g = self.obj.lock();
         g.pip = g.pip.saturating_sub(1);
         if !self.committed {
-            for x in self.ios {
+            for x in &self.ios {
                 if g.pages.get(&x.pindex).is_some_and(|p| p.has(pf::BUSY) && p.frame == x.frame) {
                     g.pages.remove(&x.pindex);
                     self.vm.pool.free(x.frame, true);
@@ -705,15 +727,16 @@ impl Drop for PlaceholderGuard<'_> {
 }
 
 /// Runs the pager with no lock held (`vm_pager_get_pages`).
-fn page_in(fs: &mut Fs, mut req: PageInReq) -> Result<(), FaultError> {
+fn page_in(fs: &mut Fs, req: PageInReq) -> Result<(), FaultError> {
     let vm = fs.vm;
-    let r = req.pager.get_pages(req.obj.id, &vm.pool, &mut req.ios, req.reqpage);
-    let mut guard = PlaceholderGuard { vm, obj: &req.obj, ios: &req.ios, committed: false };
+    let PageInReq { obj, pager, ios, reqpage } = req;
+    let mut guard = PlaceholderGuard { vm, obj: &obj, ios, committed: false };
+    let r = pager.get_pages(obj.id, &vm.pool, &mut guard.ios, reqpage);
     match r {
-        Ok(()) if req.ios.get(req.reqpage).is_some_and(|x| x.done) => {
-            let mut g = req.obj.lock();
+        Ok(()) if guard.ios.get(reqpage).is_some_and(|x| x.done) => {
+            let mut g = obj.lock();
             let mut n = 0;
-            for (i, x) in req.ios.iter().enumerate() {
+            for (i, x) in guard.ios.iter().enumerate() {
                 let ours = g.pages.get(&x.pindex).is_some_and(|p| p.has(pf::BUSY) && p.frame == x.frame);
                 if !ours {
                     continue;
@@ -724,8 +747,8 @@ fn page_in(fs: &mut Fs, mut req: PageInReq) -> Result<(), FaultError> {
                         p.queue = Queue::Inactive;
                         n += 1;
                     }
-                    if i == req.reqpage {
-                        if let Some(h) = Held::new(&mut g, &req.obj, x.pindex) {
+                    if i == reqpage {
+                        if let Some(h) = Held::new(&mut g, &obj, x.pindex) {
                             fs.helds.push(h);
                         }
                     }
@@ -743,14 +766,14 @@ fn page_in(fs: &mut Fs, mut req: PageInReq) -> Result<(), FaultError> {
         Ok(()) | Err(PagerError::Error) | Err(PagerError::NoSpace) => {
             log::warn!(
                 "vm_fault: pager read error, object {} page {}",
-                req.obj.id,
-                req.ios.get(req.reqpage).map_or(0, |x| x.pindex)
+                obj.id,
+                guard.ios.get(reqpage).map_or(0, |x| x.pindex)
             );
             Err(FaultError::Failure)
         }
         Err(PagerError::Bad) => Err(FaultError::Protection),
         Err(PagerError::Fail) => {
-            fs.skip.push(req.obj.id);
+            fs.skip.push(obj.id);
             Ok(())
         }
     }

@@ -223,6 +223,39 @@ impl FramePool {
         self.free_inner(frame, touched, true);
     }
 
+    /// Frees many frames, punching contiguous runs with one `fallocate` each
+    /// (pageout frees object pages, which preferred frames keep contiguous).
+    pub fn free_many(&self, frames: &mut [(Frame, bool)]) {
+        frames.sort_unstable_by_key(|f| f.0);
+        let mut i = 0;
+        while i < frames.len() {
+            if !frames[i].1 {
+                i += 1;
+                continue;
+            }
+            let start = frames[i].0;
+            let mut j = i + 1;
+            while j < frames.len() && frames[j].1 && frames[j].0 == start + (j - i) as u64 {
+                j += 1;
+            }
+            self.punch_run(start, (j - i) as u64);
+            i = j;
+        }
+        let mut st = self.state.lock();
+        for &(f, _) in frames.iter() {
+            if f >= self.nframes || !st.is_used(f) {
+                continue;
+            }
+            st.mark(f, false);
+            if f >= st.general_low {
+                st.general_free.push(f);
+            }
+            self.resident.fetch_sub(1, Ordering::Relaxed);
+        }
+        drop(st);
+        self.freed.notify_all();
+    }
+
     /// Frees a device frame allocated with `alloc_unbudgeted`.
     pub fn free_unbudgeted(&self, frame: Frame) {
         self.free_inner(frame, true, false);
@@ -251,20 +284,27 @@ impl FramePool {
     }
 
     fn punch(&self, frame: Frame) {
+        self.punch_run(frame, 1);
+    }
+
+    fn punch_run(&self, frame: Frame, n: u64) {
+        if frame >= self.nframes || n > self.nframes - frame {
+            return;
+        }
         // SAFETY: valid fd; range inside the file.
         let r = unsafe {
             libc::fallocate(
                 self.fd.as_raw_fd(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 (frame * PAGE_SIZE as u64) as libc::off_t,
-                PAGE_SIZE as libc::off_t,
+                (n * PAGE_SIZE as u64) as libc::off_t,
             )
         };
         if r != 0 {
-            // Cannot punch (should not happen on memfd): zero it instead so a
+            // Cannot punch (should not happen on memfd): zero instead so a
             // later zero-fill still reads zeros.
-            // SAFETY: frame < nframes, inside the mapping.
-            unsafe { std::ptr::write_bytes(self.ptr(frame), 0, PAGE_SIZE) };
+            // SAFETY: the run is inside the mapping (checked above).
+            unsafe { std::ptr::write_bytes(self.ptr(frame), 0, PAGE_SIZE * n as usize) };
         }
     }
 
@@ -326,7 +366,22 @@ impl FramePool {
     pub fn copy(&self, src: Frame, dst: Frame) -> Result<(), PoolError> {
         self.check(src, 0, PAGE_SIZE)?;
         self.check(dst, 0, PAGE_SIZE)?;
-        if src != dst {
+        if src == dst {
+            return Ok(());
+        }
+        // The destination is usually a fresh hole: filling it with pwrite()
+        // allocates the page inside the syscall instead of taking a host page
+        // fault on first touch (expensive under nested virtualisation).
+        // SAFETY: the source range is inside our mapping; the fd is ours.
+        let r = unsafe {
+            libc::pwrite(
+                self.fd.as_raw_fd(),
+                self.ptr(src) as *const libc::c_void,
+                PAGE_SIZE,
+                (dst * PAGE_SIZE as u64) as libc::off_t,
+            )
+        };
+        if r != PAGE_SIZE as isize {
             // SAFETY: bounds checked, distinct frames do not overlap.
             unsafe { std::ptr::copy_nonoverlapping(self.ptr(src), self.ptr(dst), PAGE_SIZE) };
         }
@@ -348,5 +403,65 @@ impl Drop for FramePool {
     fn drop(&mut self) {
         // SAFETY: unmapping our own mapping.
         unsafe { libc::munmap(self.base as *mut libc::c_void, self.nframes as usize * PAGE_SIZE) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_preferred_frames_and_holes() {
+        let p = FramePool::new(1 << 26, 4).unwrap();
+        let base = p.reserve_range(8).unwrap();
+        let f = p.alloc(Some(base + 3)).unwrap();
+        assert_eq!(f, base + 3);
+        // Taken: another request for it gets a general frame.
+        let g = p.alloc(Some(base + 3)).unwrap();
+        assert_ne!(g, f);
+        p.write(f, 100, &[7; 8]).unwrap();
+        let _ = p.alloc(None).unwrap();
+        let _ = p.alloc(None).unwrap();
+        assert!(p.alloc(None).is_none(), "budget of 4 enforced");
+        p.free(f, true);
+        assert_eq!(p.resident(), 3);
+        let f2 = p.alloc(Some(base + 3)).unwrap();
+        assert_eq!(f2, f);
+        let mut b = [1u8; 8];
+        p.read(f2, 100, &mut b).unwrap();
+        assert_eq!(b, [0; 8], "a freed frame is a hole: zero");
+    }
+
+    #[test]
+    fn bounds_are_errors_not_panics() {
+        let p = FramePool::new(1 << 22, 16).unwrap();
+        let mut b = [0u8; 16];
+        assert!(p.read(p.nframes(), 0, &mut b).is_err());
+        assert!(p.read(0, 4090, &mut b).is_err());
+        assert!(p.write(0, usize::MAX, &b).is_err());
+        assert!(p.atomic_u64(0, 4092).is_err());
+        assert!(p.atomic_u64(0, 4).is_err());
+        assert!(p.atomic_u64(0, 4088).is_ok());
+        assert!(p.copy(0, p.nframes()).is_err());
+        assert!(p.frame_ptr(p.nframes()).is_null());
+        p.free(p.nframes() + 5, true);
+    }
+
+    #[test]
+    fn free_many_punches_runs() {
+        let p = FramePool::new(1 << 26, 64).unwrap();
+        let base = p.reserve_range(16).unwrap();
+        let mut v = Vec::new();
+        for i in 0..16 {
+            let f = p.alloc(Some(base + i)).unwrap();
+            p.write(f, 0, &[9; 16]).unwrap();
+            v.push((f, true));
+        }
+        p.free_many(&mut v);
+        assert_eq!(p.resident(), 0);
+        let f = p.alloc(Some(base + 5)).unwrap();
+        let mut b = [1u8; 16];
+        p.read(f, 0, &mut b).unwrap();
+        assert_eq!(b, [0; 16]);
     }
 }

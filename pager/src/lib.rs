@@ -2,6 +2,26 @@
 //! `vm_fault`, the VPAGETABLE walk and pageout. No KVM here: translations go
 //! through the `Pmap` trait (the VMM implements it with host mappings;
 //! `SoftPmap` is the software model used by the tests).
+//!
+//! ```
+//! use ::pager::*; // `::` because the crate has a `pager` module too
+//! let vm = Vm::new(Config { store_bytes: 1 << 30, max_resident: 256, swap_bytes: 1 << 20, ..Default::default() }).unwrap();
+//! let pmap = SoftPmap::new();
+//! let map = Map::new(&vm, pmap.clone());
+//! map.map_anon(0x1000_0000, 16 * 4096, Prot::RW).unwrap();
+//! // A guest write to an unmapped page: resolve it, then map `r.frame` (and
+//! // `r.prefault`) with `r.prot` (a `Pmap` implementation does the mapping).
+//! let r = fault(&map, 0x1000_0000, Prot::WRITE, FaultFlags::NONE).unwrap();
+//! assert_eq!(r.kind, FaultKind::ZeroFill);
+//! assert_eq!(pmap.extract(0x1000_0000), Some(r.frame));
+//! // The VMM's own access to guest memory (hypercall buffers):
+//! write_guest(&map, 0x1000_0010, b"hello").unwrap();
+//! let mut b = [0u8; 5];
+//! read_guest(&map, 0x1000_0010, &mut b).unwrap();
+//! assert_eq!(&b, b"hello");
+//! // Keep resident frames within budget in the background.
+//! let _daemon = PageoutDaemon::start(&vm).unwrap();
+//! ```
 
 #![warn(missing_docs)]
 
@@ -27,3 +47,17 @@ pub use pageout::{run_once, PageoutDaemon, PageoutReport};
 pub use pager::{FailHook, FailMode, PageIo, Pager, PagerError};
 pub use pmap::{Pmap, SoftMachine, SoftPmap};
 pub use vm::{Config, Prot, Stats, StatsSnapshot, Vm, VmError};
+
+#[cfg(test)]
+mod tests {
+    fn send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn core_types_are_send_and_sync() {
+        send_sync::<crate::Vm>();
+        send_sync::<crate::Map>();
+        send_sync::<crate::ObjHandle>();
+        send_sync::<crate::Resolved>();
+        send_sync::<crate::FramePool>();
+    }
+}

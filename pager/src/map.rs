@@ -107,7 +107,7 @@ impl MapEntry {
             start: at,
             end: self.end,
             object: self.object.clone(),
-            offset: self.offset + (at - self.start),
+            offset: self.offset.wrapping_add(at - self.start),
             protection: self.protection,
             max_protection: self.max_protection,
             wired_count: self.wired_count,
@@ -120,7 +120,7 @@ impl MapEntry {
     }
     /// Object page index of `addr` (the VA-side index for VPAGETABLE).
     pub(crate) fn pindex(&self, addr: u64) -> u64 {
-        (addr - self.start + self.offset) / PS
+        (addr - self.start).wrapping_add(self.offset) / PS
     }
     /// Creates the shadow a needs-copy entry gets on its first write.
     pub(crate) fn make_shadow(&mut self) {
@@ -210,11 +210,19 @@ pub struct Map {
     pub(crate) pagesupply: AtomicI64,
 }
 
+/// Highest mappable address: reverse-map entries pack the virtual page
+/// number in 44 bits.
+pub const MAX_ADDRESS: u64 = 1 << 56;
+
 fn check_range(start: u64, len: u64) -> Result<u64, MapError> {
     if len == 0 || !start.is_multiple_of(PS) || !len.is_multiple_of(PS) {
         return Err(MapError::BadRange);
     }
-    start.checked_add(len).ok_or(MapError::BadRange)
+    let end = start.checked_add(len).ok_or(MapError::BadRange)?;
+    if end > MAX_ADDRESS {
+        return Err(MapError::BadRange);
+    }
+    Ok(end)
 }
 
 impl Map {
@@ -406,26 +414,15 @@ impl Map {
         Ok(())
     }
 
+    /// The entry containing `addr` (`vm_map_lookup_entry`).
+    pub fn lookup(&self, addr: u64) -> Option<EntryInfo> {
+        let g = self.inner.read();
+        g.lookup(addr).map(info)
+    }
+
     /// Entry snapshots.
     pub fn entries(&self) -> Vec<EntryInfo> {
-        self.inner
-            .read()
-            .entries
-            .values()
-            .map(|e| EntryInfo {
-                start: e.start,
-                end: e.end,
-                object_id: e.object.id(),
-                offset: e.offset,
-                protection: e.protection,
-                max_protection: e.max_protection,
-                wired_count: e.wired_count,
-                behavior: e.behavior,
-                maptype: e.maptype,
-                needs_copy: e.needs_copy,
-                lastr: e.lastr.load(Ordering::Relaxed),
-            })
-            .collect()
+        self.inner.read().entries.values().map(info).collect()
     }
 
     /// The object of the entry at `addr` (after any shadowing).
@@ -493,6 +490,7 @@ impl Map {
     /// copy-on-write (`needs_copy`, parent write-protected), shared entries
     /// are shared, wired entries are copied now (`vm_fault_copy_entry`).
     /// Costs O(entries), not O(resident pages).
+    #[doc(alias = "clone")]
     pub fn fork(&self, pmap: Arc<dyn Pmap>) -> Result<Arc<Map>, MapError> {
         let child = Map::new(&self.vm, pmap);
         let mut g = self.inner.write();
@@ -527,6 +525,22 @@ impl Map {
         let g = self.inner.read();
         let e = g.lookup(addr)?;
         find_resident(e.object.arc(), e.pindex(addr)).map(|(o, p, f, _)| (o, p, f))
+    }
+}
+
+fn info(e: &MapEntry) -> EntryInfo {
+    EntryInfo {
+        start: e.start,
+        end: e.end,
+        object_id: e.object.id(),
+        offset: e.offset,
+        protection: e.protection,
+        max_protection: e.max_protection,
+        wired_count: e.wired_count,
+        behavior: e.behavior,
+        maptype: e.maptype,
+        needs_copy: e.needs_copy,
+        lastr: e.lastr.load(Ordering::Relaxed),
     }
 }
 

@@ -7,7 +7,7 @@ use crate::pager::Pager;
 use crate::pmap::remove_mappings;
 use crate::vm::{bump, Vm};
 use parking_lot::{Condvar, Mutex};
-use std::collections::HashMap;
+
 use std::mem::ManuallyDrop;
 use std::sync::{Arc, Weak};
 
@@ -33,13 +33,15 @@ pub struct ObjState {
     pub(crate) ref_count: u32,
     pub(crate) shadow_count: u32,
     pub(crate) shadows: Vec<Weak<Object>>,
-    pub(crate) pages: HashMap<u64, Page>,
+    pub(crate) pages: crate::page::IndexMap<Page>,
     pub(crate) generation: u64,
     pub(crate) dead: bool,
     pub(crate) handle: Option<u64>,
     pub(crate) pager: Option<Arc<dyn Pager>>,
     /// Paging in progress: I/O on this object is running (blocks collapse).
     pub(crate) pip: u32,
+    /// Pageout's clock hand (position in the page table's iteration order).
+    pub(crate) scan_hand: usize,
 }
 
 /// A VM object.
@@ -76,12 +78,13 @@ impl Object {
                 ref_count: 1,
                 shadow_count: 0,
                 shadows: Vec::new(),
-                pages: HashMap::new(),
+                pages: Default::default(),
                 generation: 0,
                 dead: false,
                 handle,
                 pager,
                 pip: 0,
+                scan_hand: 0,
             })),
             cv: Condvar::new(),
         });
@@ -194,15 +197,16 @@ impl Object {
                     ios.push(crate::pager::PageIo { pindex: p, frame: page.frame, done: false });
                 }
             }
+            g.pip += 1;
             (pager, ios)
         };
         ios.sort_by_key(|p| p.pindex);
-        let res = pager.put_pages(self.id, &self.vm.pool, &mut ios);
+        let mut bw = BusyWrite { obj: self, ios, armed: true };
+        let res = pager.put_pages(self.id, &self.vm.pool, &mut bw.ios);
         let mut g = self.lock();
         let mut n = 0;
-        for io in &ios {
+        for io in &bw.ios {
             if let Some(page) = g.pages.get_mut(&io.pindex) {
-                page.clear(pf::BUSY);
                 if io.done {
                     n += 1;
                 } else {
@@ -210,9 +214,56 @@ impl Object {
                 }
             }
         }
+        bw.finish(&mut g);
         drop(g);
-        self.cv.notify_all();
         res.map(|_| n)
+    }
+}
+
+/// Pages of one object made busy for a pager write (pageout, `sync`), with a
+/// paging-in-progress count: dropping the guard un-busies whatever is still
+/// busy, drops the count and wakes waiters, whatever path the caller took.
+pub(crate) struct BusyWrite<'a> {
+    pub(crate) obj: &'a Object,
+    pub(crate) ios: Vec<crate::pager::PageIo>,
+    pub(crate) armed: bool,
+}
+
+impl BusyWrite<'_> {
+    /// Un-busies the pages still here, under the caller's lock (so a frame
+    /// the caller just freed cannot have been reused for a new busy page at
+    /// the same index), and drops the paging-in-progress count.
+    pub(crate) fn finish(mut self, g: &mut ObjState) {
+        for io in &self.ios {
+            if let Some(p) = g.pages.get_mut(&io.pindex) {
+                if p.frame == io.frame {
+                    p.clear(pf::BUSY);
+                }
+            }
+        }
+        g.pip = g.pip.saturating_sub(1);
+        self.armed = false;
+    }
+}
+
+impl Drop for BusyWrite<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            self.obj.cv.notify_all();
+            return;
+        }
+        // Early exit: nothing was freed, so every (pindex, frame) is ours.
+        let mut g = self.obj.st.lock();
+        for io in &self.ios {
+            if let Some(p) = g.pages.get_mut(&io.pindex) {
+                if p.frame == io.frame {
+                    p.clear(pf::BUSY);
+                }
+            }
+        }
+        g.pip = g.pip.saturating_sub(1);
+        drop(g);
+        self.obj.cv.notify_all();
     }
 }
 
@@ -317,16 +368,19 @@ fn terminate(obj: &Arc<Object>) {
         g.generation += 1;
         (std::mem::take(&mut g.pages), g.backing.take(), g.pager.clone())
     };
+    let mut frames = Vec::with_capacity(pages.len());
     for (_, mut page) in pages {
         remove_mappings(&obj.vm, &mut page);
         if !page.has(pf::FICTITIOUS) {
-            obj.vm.pool.free(page.frame, !page.has(pf::ZERO));
+            frames.push((page.frame, !page.has(pf::ZERO)));
         }
     }
+    // Preferred frames make an object's pages contiguous: punch in runs.
+    obj.vm.pool.free_many(&mut frames);
     if let Some(p) = pager {
         p.object_dead(obj.id);
     }
-    if let Some(b) = obc_frame_release(obj) {
+    if let Some(b) = frame_range(obj) {
         obj.vm.pool.release_range(b.0, b.1);
     }
     obj.cv.notify_all();
@@ -336,7 +390,7 @@ fn terminate(obj: &Arc<Object>) {
     }
 }
 
-fn obc_frame_release(obj: &Object) -> Option<(u64, u64)> {
+fn frame_range(obj: &Object) -> Option<(u64, u64)> {
     obj.frame_base.map(|b| (b, obj.frame_len))
 }
 
@@ -361,14 +415,25 @@ pub fn collapse(top: &Arc<Object>) -> usize {
             && sg.pip == 0
             && bg.handle.is_none()
             && matches!(bg.kind, ObjectKind::Anonymous | ObjectKind::Swap)
-            && !bg.pages.values().any(|p| p.has(pf::BUSY) || p.hold_count > 0)
-            && !sg.pages.values().any(|p| p.has(pf::BUSY));
+            && !bg
+                .pages
+                .values()
+                .any(|p| p.has(pf::BUSY) || p.hold_count > 0)
+                        && !sg.pages.values().any(|p| p.has(pf::BUSY))
+            // Swap blocks can only move within one pager.
+            && match (&sg.pager, &bg.pager) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => true,
+            };
         if !ok {
             return merged;
         }
         let off = sg.backing_offset;
         let size = sg.size;
         let top_pager = sg.pager.clone();
+        // Only `top`'s own pages shadow `back`'s swap copies; pages moved up
+        // from `back` keep their slots.
+        let own: std::collections::HashSet<u64> = sg.pages.keys().copied().collect();
         let mut to_free = Vec::new();
         for (p, page) in std::mem::take(&mut bg.pages) {
             let np = p.wrapping_sub(off);
@@ -384,8 +449,7 @@ pub fn collapse(top: &Arc<Object>) -> usize {
         }
         if bg.kind == ObjectKind::Swap {
             if let Some(bp) = bg.pager.clone() {
-                let resident: std::collections::HashSet<u64> = sg.pages.keys().copied().collect();
-                bp.collapse_into(back.id, top.id, off, size, &|np| resident.contains(&np));
+                bp.collapse_into(back.id, top.id, off, size, &|np| own.contains(&np));
                 if sg.kind == ObjectKind::Anonymous {
                     sg.kind = ObjectKind::Swap;
                     sg.pager = Some(bp);
@@ -415,7 +479,7 @@ pub fn collapse(top: &Arc<Object>) -> usize {
             remove_mappings(vm, &mut page);
             vm.pool.free(page.frame, !page.has(pf::ZERO));
         }
-        if let Some(b) = obc_frame_release(&back) {
+        if let Some(b) = frame_range(&back) {
             vm.pool.release_range(b.0, b.1);
         }
         back.cv.notify_all();

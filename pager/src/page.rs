@@ -151,3 +151,60 @@ impl Page {
         !self.has(pf::BUSY | pf::FICTITIOUS) && self.wire_count == 0 && self.hold_count == 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_metadata_fits_64_bytes() {
+        // Page + hash map key, with hashbrown's control byte and 7/8 load.
+        let per = (std::mem::size_of::<(u64, Page)>() + 1) * 8 / 7;
+        assert!(per <= 64, "{per} bytes per resident page");
+        assert_eq!(std::mem::size_of::<Rmap>(), 16);
+    }
+
+    #[test]
+    fn rmap_pack_roundtrip() {
+        let v = rmap_pack(7, 0x7_FFFF_FFFF);
+        assert_eq!(rmap_unpack(v), (7, 0x7_FFFF_FFFF));
+        let mut r = Rmap::default();
+        r.add(1);
+        r.add(1);
+        r.add(2);
+        assert_eq!(r.iter().collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(r.take(), vec![1, 2]);
+        assert!(r.is_empty());
+    }
+}
+
+/// A fast hasher for page indexes and virtual page numbers (SipHash costs
+/// tens of ns per resident-page lookup; keys here are not attacker-chosen
+/// hash-flooding material beyond what a multiply-shift spreads well).
+#[derive(Default, Clone, Copy)]
+pub struct IndexHasher(u64);
+
+impl std::hash::Hasher for IndexHasher {
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ b as u64).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        // Fibonacci hashing; hashbrown uses the top 7 bits as the tag, so
+        // fold the high half down as well.
+        let h = (self.0 ^ i).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = h ^ (h >> 29);
+    }
+}
+
+/// `BuildHasher` for `IndexHasher`.
+pub type IndexBuild = std::hash::BuildHasherDefault<IndexHasher>;
+/// A map keyed by page index.
+pub type IndexMap<V> = std::collections::HashMap<u64, V, IndexBuild>;

@@ -6,7 +6,7 @@
 //! freed; dirty pages are unmapped *then* written (anonymous objects become
 //! swap objects) and freed. Wired, held and busy pages are skipped.
 
-use crate::object::{Object, ObjectKind};
+use crate::object::{BusyWrite, Object, ObjectKind};
 use crate::page::{pf, Queue};
 use crate::pager::PageIo;
 use crate::pmap::{remove_mappings, test_referenced};
@@ -70,12 +70,38 @@ pub(crate) fn reclaim(vm: &Vm, free_target: u64) -> u64 {
     r.freed + r.written
 }
 
+/// Scans one object from its clock hand, chunk by chunk, at most one
+/// revolution per pass (so each page is visited once per pass), until the
+/// target is met.
 fn scan_object(vm: &Vm, obj: &Arc<Object>, pass: u32, free_target: u64, rep: &mut PageoutReport) {
+    let total = obj.st.lock().pages.len();
+    let mut looked_total = 0;
+    while looked_total < total {
+        let before = rep.written + rep.freed;
+        let (looked, wrote) = scan_chunk(vm, obj, pass, free_target, rep);
+        looked_total += looked;
+        if looked == 0 || vm.pool.free_count() >= free_target {
+            return;
+        }
+        if wrote > 0 && rep.written + rep.freed == before {
+            // Writes are failing (swap full, I/O errors): stop here.
+            return;
+        }
+    }
+}
+
+/// Pages visited per chunk (bounds the time an object lock is held).
+const SCAN_CHUNK: usize = 512;
+
+/// Scans up to `SCAN_CHUNK` pages from the hand; returns (pages visited,
+/// dirty pages it tried to write).
+fn scan_chunk(vm: &Vm, obj: &Arc<Object>, pass: u32, free_target: u64, rep: &mut PageoutReport) -> (usize, usize) {
     let mut batch: Vec<PageIo> = Vec::new();
+    let mut looked = 0;
     let pager = {
         let mut g = obj.lock();
         if g.dead || g.kind == ObjectKind::Device {
-            return;
+            return (0, 0);
         }
         let mut to_free = Vec::new();
         let can_swap = match g.kind {
@@ -83,11 +109,16 @@ fn scan_object(vm: &Vm, obj: &Arc<Object>, pass: u32, free_target: u64, rep: &mu
             ObjectKind::File => g.pager.is_some(),
             ObjectKind::Device => false,
         };
-        let keys: Vec<u64> = g.pages.keys().copied().collect();
+        let n = g.pages.len();
+        let start = if g.scan_hand >= n { 0 } else { g.scan_hand };
+        let keys: Vec<u64> = g.pages.keys().skip(start).take(SCAN_CHUNK).copied().collect();
         for p in keys {
-            if vm.pool.free_count() + to_free.len() as u64 + batch.len() as u64 >= free_target {
+            if vm.pool.free_count() + to_free.len() as u64 + batch.len() as u64 >= free_target
+                || batch.len() >= WRITE_BATCH
+            {
                 break;
             }
+            looked += 1;
             let Some(page) = g.pages.get_mut(&p) else {
                 continue;
             };
@@ -101,6 +132,7 @@ fn scan_object(vm: &Vm, obj: &Arc<Object>, pass: u32, free_target: u64, rep: &mu
                 }
                 continue;
             }
+
             if test_referenced(vm, page) {
                 page.set(pf::REFERENCED);
             }
@@ -120,7 +152,7 @@ fn scan_object(vm: &Vm, obj: &Arc<Object>, pass: u32, free_target: u64, rep: &mu
             }
             if !page.has(pf::DIRTY) {
                 to_free.push(p);
-            } else if can_swap && batch.len() < WRITE_BATCH {
+            } else if can_swap {
                 page.set(pf::BUSY);
                 page.queue = Queue::Inactive;
                 batch.push(PageIo { pindex: p, frame: page.frame, done: false });
@@ -128,13 +160,16 @@ fn scan_object(vm: &Vm, obj: &Arc<Object>, pass: u32, free_target: u64, rep: &mu
                 page.queue = Queue::Inactive;
             }
         }
+        g.scan_hand = start + looked;
+        let mut frames = Vec::with_capacity(to_free.len());
         for p in to_free {
             if let Some(page) = g.pages.remove(&p) {
-                vm.pool.free(page.frame, !page.has(pf::ZERO));
+                frames.push((page.frame, !page.has(pf::ZERO)));
                 rep.freed += 1;
                 bump(&vm.stats.pages_freed);
             }
         }
+        vm.pool.free_many(&mut frames);
         if batch.is_empty() {
             None
         } else {
@@ -148,18 +183,21 @@ fn scan_object(vm: &Vm, obj: &Arc<Object>, pass: u32, free_target: u64, rep: &mu
         }
     };
     if batch.is_empty() {
-        return;
+        return (looked, 0);
     }
     batch.sort_by_key(|b| b.pindex);
+    let n = batch.len();
+    let mut bw = BusyWrite { obj, ios: batch, armed: true };
     let res = match &pager {
-        Some(p) => p.put_pages(obj.id(), &vm.pool, &mut batch),
+        Some(p) => p.put_pages(obj.id(), &vm.pool, &mut bw.ios),
         None => Err(crate::pager::PagerError::Error),
     };
     if let Err(e) = res {
         log::warn!("pageout: object {} write failed: {e}", obj.id());
     }
     let mut g = obj.lock();
-    for b in &batch {
+    let mut frames = Vec::with_capacity(n);
+    for b in &bw.ios {
         let Some(page) = g.pages.get_mut(&b.pindex) else {
             continue;
         };
@@ -167,19 +205,20 @@ fn scan_object(vm: &Vm, obj: &Arc<Object>, pass: u32, free_target: u64, rep: &mu
             // Busy and unmapped since before the write: nothing can have
             // dirtied it.
             if let Some(page) = g.pages.remove(&b.pindex) {
-                vm.pool.free(page.frame, true);
+                frames.push((page.frame, true));
             }
             rep.written += 1;
             bump(&vm.stats.pages_out);
         } else {
-            page.clear(pf::BUSY);
+            // Still busy: the guard un-busies it.
             rep.errors += 1;
             bump(&vm.stats.pageout_errors);
         }
     }
-    g.pip = g.pip.saturating_sub(1);
+    vm.pool.free_many(&mut frames);
+    bw.finish(&mut g);
     drop(g);
-    obj.cv.notify_all();
+    (looked, n)
 }
 
 /// A running pageout daemon thread; stopped and joined on drop.
@@ -195,15 +234,23 @@ impl PageoutDaemon {
         let stop = Arc::new(AtomicBool::new(false));
         let (s, v) = (stop.clone(), vm.clone());
         let handle = std::thread::Builder::new().name("pageout".into()).spawn(move || {
+            let mut idle = false;
             while !s.load(Ordering::Relaxed) {
+                // Aim for twice the fault path's target, but never for
+                // more than half the budget (small budgets would thrash).
+                let target = (v.config.free_target * 2).min(v.pool.max_resident() / 2).max(1);
                 {
                     let mut g = v.pageout_lock.lock();
-                    if v.pool.free_count() >= v.config.free_target * 2 {
+                    if idle || v.pool.free_count() >= target {
                         let _ = v.pageout_wake.wait_for(&mut g, Duration::from_millis(20));
                     }
                 }
-                if v.pool.free_count() < v.config.free_target * 2 {
-                    run_once(&v, v.config.free_target * 2);
+                idle = false;
+                if v.pool.free_count() < target {
+                    let r = run_once(&v, target);
+                    // Nothing pageable (all wired, held or unwritable):
+                    // wait for a wakeup instead of spinning.
+                    idle = r.freed + r.written == 0;
                 }
             }
         })?;

@@ -7,7 +7,7 @@ use crate::map::Map;
 use crate::page::{rmap_pack, rmap_unpack, Page};
 use crate::vm::{Prot, Vm};
 use parking_lot::Mutex;
-use std::collections::HashMap;
+
 use std::sync::Arc;
 
 /// Index of a pmap in its `Vm` (reverse map entries name pmaps by it).
@@ -110,7 +110,7 @@ pub struct SoftPte {
 /// A software pmap: virtual page -> (frame, prot, A, D).
 #[derive(Default)]
 pub struct SoftPmap {
-    ptes: Mutex<HashMap<Vpn, SoftPte>>,
+    ptes: Mutex<crate::page::IndexMap<SoftPte>>,
 }
 
 impl SoftPmap {
@@ -130,7 +130,7 @@ impl SoftPmap {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    fn range_apply(&self, start: u64, end: u64, mut f: impl FnMut(&mut HashMap<Vpn, SoftPte>, Vpn)) {
+    fn range_apply(&self, start: u64, end: u64, mut f: impl FnMut(&mut crate::page::IndexMap<SoftPte>, Vpn)) {
         let mut m = self.ptes.lock();
         let (s, e) = (start >> 12, end.div_ceil(PAGE_SIZE as u64));
         if e.saturating_sub(s) <= m.len() as u64 * 2 {

@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 /// One in-memory entry on the walk path, its table page held.
 pub(crate) struct PathEnt {
-    held: Held,
+    // Keeps the table page from being paged out until the A/M update.
+    _held: Held,
     obj: Arc<Object>,
     pindex: u64,
     frame: Frame,
@@ -94,7 +95,7 @@ pub(crate) fn walk(
             return Step::Err(FaultError::Failure);
         };
         vpte = word.load(Ordering::Acquire);
-        path.push(PathEnt { held, obj, pindex, frame, idx });
+        path.push(PathEnt { _held: held, obj, pindex, frame, idx });
     }
     let low = if vshift >= 64 { va_pindex } else { va_pindex & ((1u64 << vshift) - 1) };
     let pindex = vpte_pindex(vpte).wrapping_add(low);
@@ -150,6 +151,5 @@ pub(crate) fn set_accessed(vm: &Vm, w: &Walk, fault_type: Prot) {
                 p.clear(pf::ZERO);
             }
         }
-        let _ = &ent.held;
     }
 }

@@ -42,3 +42,16 @@ pub const fn vpte_pindex(v: Vpte) -> u64 {
 pub const fn vpte_make(pindex: u64, flags: Vpte) -> Vpte {
     ((pindex << 12) & VPTE_FRAME) | (flags & !VPTE_FRAME)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vpte_layout() {
+        assert_eq!(vpte_make(0x12345, VPTE_V | VPTE_RW), 0x12345003);
+        assert_eq!(vpte_pindex(vpte_make(0xF_FFFF_FFFF, VPTE_PS)), 0xF_FFFF_FFFF);
+        assert_eq!(VPTE_NX, 1 << 11);
+        assert_eq!(VPTE_FRAME & VPTE_NX, 0);
+    }
+}

@@ -208,7 +208,7 @@ fn generation_change_retries() {
     m.map.map_object(B, 8 * PS, o, 0, Prot::READ, Prot::ALL, Inherit::Copy, false).unwrap();
     m.map.map_anon(B + 64 * PS, PS, Prot::RW).unwrap();
     let map2 = m.map.clone();
-    *mp.on_get.lock() = Some(Box::new(move || {
+    *mp.on_get.lock() = Some(Arc::new(move || {
         // The map changes while the pager sleeps.
         map2.madvise(B + 64 * PS, PS, Behavior::Random).unwrap();
     }));
@@ -550,7 +550,7 @@ fn pageout_skips_wired_and_busy() {
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
     let rx = parking_lot::Mutex::new(rx);
-    *mp.on_get.lock() = Some(Box::new(move || {
+    *mp.on_get.lock() = Some(Arc::new(move || {
         let _ = started_tx.send(());
         let _ = rx.lock().recv();
     }));
@@ -578,7 +578,7 @@ fn pageout_dirty_written_before_freed() {
     let pm = m.pmap.clone();
     let unmapped_first = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let u2 = unmapped_first.clone();
-    *mp.on_put.lock() = Some(Box::new(move |pages: &[PageIo]| {
+    *mp.on_put.lock() = Some(Arc::new(move |pages: &[PageIo]| {
         for p in pages {
             if pm.extract(B + p.pindex * PS).is_some() {
                 u2.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -607,4 +607,44 @@ fn prefault_maps_resident_neighbours() {
     assert_eq!(r.prefault.len(), 8);
     let rr = fault_range(&m.map, B, 16, Prot::READ).unwrap();
     assert_eq!(rr.len(), 16 - 9);
+}
+
+#[test]
+fn preferred_frames_keep_object_pages_contiguous() {
+    let vm = vm(1024);
+    let m = machine(&vm);
+    m.map.map_anon(B, 16 * PS, Prot::RW).unwrap();
+    for i in [3u64, 0, 9, 1, 2] {
+        fill(&m, B + i * PS, 1);
+    }
+    let f0 = m.pmap.extract(B).unwrap();
+    for i in [1u64, 2, 3, 9] {
+        assert_eq!(m.pmap.extract(B + i * PS).unwrap(), f0 + i, "page {i} in its preferred frame");
+    }
+    // A COW copy lands in the shadow's own range; a rename keeps its frame.
+    let cp = SoftPmap::new();
+    let child = SoftMachine::with(m.map.fork(cp.clone()).unwrap(), cp);
+    fill(&child, B + PS, 2);
+    fill(&child, B + 2 * PS, 2);
+    assert_eq!(child.pmap.extract(B + 2 * PS).unwrap(), child.pmap.extract(B + PS).unwrap() + 1);
+}
+
+#[test]
+fn fork_cost_independent_of_resident_pages() {
+    // Clone does no per-page work: it touches no page of the object.
+    let vm = vm(4096);
+    let m = machine(&vm);
+    let o = m.map.map_anon(B, 512 * PS, Prot::RW).unwrap();
+    for i in 0..512 {
+        m.write(B + i * PS, &[1]).unwrap();
+    }
+    let gen = o.generation();
+    let before = vm.stats().snapshot();
+    let cp = SoftPmap::new();
+    let child = m.map.fork(cp.clone()).unwrap();
+    assert_eq!(o.generation(), gen);
+    assert_eq!(vm.stats().snapshot(), before);
+    assert_eq!(cp.len(), 0, "nothing entered in the child");
+    assert_eq!(o.resident(), 512);
+    drop(child);
 }

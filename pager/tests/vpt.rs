@@ -229,7 +229,7 @@ fn vpt_no_stale_translation_after_inval() {
         }
     });
     for i in 0..200u64 {
-        let f = if i % 2 == 0 { 301 } else { 300 };
+        let f = if i.is_multiple_of(2) { 301 } else { 300 };
         // Guest protocol: swap the entry, then inval.
         set_ent(&t, 2, 5, vpte_make(f, VPTE_V | VPTE_RW));
         t.m.map.inval(V + 5 * PS, PS).unwrap();
@@ -239,4 +239,64 @@ fn vpt_no_stale_translation_after_inval() {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     reader.join().unwrap();
+}
+
+#[test]
+fn vpt_walk_under_pageout_and_inval() {
+    let vm = Vm::new(Config { free_target: 8, ..cfg(48) }).unwrap();
+    let m = Arc::new(machine(&vm));
+    let o = vm.anonymous(OBJ_PAGES);
+    m.map.map_object(R, OBJ_PAGES * PS, o.clone(), 0, Prot::RW, Prot::ALL, Inherit::Share, false).unwrap();
+    m.map.map_vpagetable(V, 64 * PS, o, 0, 3).unwrap();
+    let t = T { vm: vm.clone(), m: SoftMachine::with(m.map.clone(), m.pmap.clone()) };
+    for p in [300u64, 301] {
+        t.m.write_u64(R + p * PS, marker(p)).unwrap();
+    }
+    build(&t, 3, 5, vpte_make(300, VPTE_V | VPTE_RW), VPTE_V | VPTE_RW);
+    let daemon = PageoutDaemon::start(&vm).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let bad = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut threads = Vec::new();
+    {
+        let (m, s, b) = (m.clone(), stop.clone(), bad.clone());
+        threads.push(std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                match m.read_u64(V + 5 * PS) {
+                    Ok(v) if v == marker(300) || v == marker(301) => {}
+                    _ => b.store(true, std::sync::atomic::Ordering::SeqCst),
+                }
+            }
+        }));
+    }
+    {
+        // Memory pressure through the RAM view.
+        let (m, s) = (m.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = m.write_u64(R + (400 + i % 200) * PS, i);
+                i += 1;
+            }
+        }));
+    }
+    // Pressure up front too, so pageout has surely run.
+    for p in 600..700u64 {
+        t.m.write_u64(R + p * PS, p).unwrap();
+    }
+    let t0 = std::time::Instant::now();
+    let mut i = 0u64;
+    while i < 300 || (vm.stats().snapshot().pages_out < 150 && t0.elapsed().as_secs() < 5) {
+        i += 1;
+        let f = if i.is_multiple_of(2) { 301 } else { 300 };
+        set_ent(&t, 3, 5, vpte_make(f, VPTE_V | VPTE_RW));
+        t.m.map.inval(V + 5 * PS, PS).unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for th in threads {
+        th.join().unwrap();
+    }
+    drop(daemon);
+    assert!(!bad.load(std::sync::atomic::Ordering::SeqCst), "a walk read wrong data");
+    assert!(vm.stats().snapshot().pages_out > 0);
+    assert!(vm.pool().resident() <= 48);
 }

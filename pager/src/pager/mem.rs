@@ -5,6 +5,7 @@ use super::{PageIo, Pager, PagerError};
 use crate::frame::{FramePool, PAGE_SIZE};
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// A recorded `get_pages` call: first pindex, page count, reqpage.
 pub type GetCall = (u64, usize, usize);
@@ -22,10 +23,10 @@ pub struct MemPager {
     pub calls: Mutex<Vec<GetCall>>,
     /// Called (without locks) at the start of every `get_pages`.
     #[allow(clippy::type_complexity)]
-    pub on_get: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    pub on_get: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
     /// Called (without object locks) at the start of every `put_pages`.
     #[allow(clippy::type_complexity)]
-    pub on_put: Mutex<Option<Box<dyn Fn(&[PageIo]) + Send + Sync>>>,
+    pub on_put: Mutex<Option<Arc<dyn Fn(&[PageIo]) + Send + Sync>>>,
 }
 
 impl MemPager {
@@ -57,7 +58,9 @@ impl Pager for MemPager {
         Some((b, a))
     }
     fn get_pages(&self, _obj: u64, pool: &FramePool, pages: &mut [PageIo], reqpage: usize) -> Result<(), PagerError> {
-        if let Some(f) = self.on_get.lock().as_ref() {
+        // Called without holding our lock, so concurrent calls overlap.
+        let hook = self.on_get.lock().clone();
+        if let Some(f) = hook {
             f();
         }
         self.calls.lock().push((pages.first().map_or(0, |p| p.pindex), pages.len(), reqpage));
@@ -78,7 +81,8 @@ impl Pager for MemPager {
         Ok(())
     }
     fn put_pages(&self, _obj: u64, pool: &FramePool, pages: &mut [PageIo]) -> Result<(), PagerError> {
-        if let Some(f) = self.on_put.lock().as_ref() {
+        let hook = self.on_put.lock().clone();
+        if let Some(f) = hook {
             f(pages);
         }
         let mut store = self.pages.lock();

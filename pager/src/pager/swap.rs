@@ -33,7 +33,8 @@ impl SwapPager {
     /// is unlinked at once when `unlink` is set.
     pub fn create(path: &Path, bytes: u64, unlink: bool, hook: Option<Arc<FailHook>>) -> std::io::Result<SwapPager> {
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
-        let nslots = bytes / PAGE_SIZE as u64;
+        // Slots are u32 in the block maps (16 TiB of swap).
+        let nslots = (bytes / PAGE_SIZE as u64).min(u32::MAX as u64);
         file.set_len(nslots * PAGE_SIZE as u64)?;
         if unlink {
             std::fs::remove_file(path)?;
@@ -220,5 +221,45 @@ impl Pager for SwapPager {
                 Self::free_slot(&mut st, slot);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_allocated_freed_and_enospc() {
+        let dir = std::env::temp_dir().join(format!("vkvm-swap-test-{}", std::process::id()));
+        let sp = SwapPager::create(&dir, 2 * PAGE_SIZE as u64, true, None).unwrap();
+        let pool = FramePool::new(1 << 22, 16).unwrap();
+        let f = pool.alloc(None).unwrap();
+        pool.write(f, 0, &[5; 4096]).unwrap();
+        let mut ios = [
+            PageIo { pindex: 1, frame: f, done: false },
+            PageIo { pindex: 2, frame: f, done: false },
+            PageIo { pindex: 3, frame: f, done: false },
+        ];
+        assert_eq!(sp.put_pages(9, &pool, &mut ios), Err(PagerError::NoSpace));
+        assert!(ios[0].done && ios[1].done && !ios[2].done);
+        assert_eq!(sp.used_slots(), 2);
+        assert_eq!(sp.has_page(9, 2), Some((1, 0)));
+        assert_eq!(sp.has_page(9, 3), None);
+        // Rewriting a page reuses its slot.
+        let mut again = [PageIo { pindex: 1, frame: f, done: false }];
+        sp.put_pages(9, &pool, &mut again).unwrap();
+        assert_eq!(sp.used_slots(), 2);
+        sp.page_unswapped(9, 1);
+        assert_eq!(sp.used_slots(), 1);
+        let g = pool.alloc(None).unwrap();
+        let mut rd = [PageIo { pindex: 2, frame: g, done: false }];
+        sp.get_pages(9, &pool, &mut rd, 0).unwrap();
+        let mut b = [0u8; 8];
+        pool.read(g, 0, &mut b).unwrap();
+        assert_eq!(b, [5; 8]);
+        let mut missing = [PageIo { pindex: 1, frame: g, done: false }];
+        assert_eq!(sp.get_pages(9, &pool, &mut missing, 0), Err(PagerError::Fail));
+        sp.object_dead(9);
+        assert_eq!(sp.used_slots(), 0);
     }
 }
