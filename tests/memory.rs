@@ -119,6 +119,10 @@ fn full_swap_stops_the_vm_cleanly() {
         "16M",
         "--swap-size",
         "4M",
+        // The pager retries allocation a few hundred times, each after a
+        // pageout pass whose writes fail, before giving up: allow for load.
+        "--timeout",
+        "300",
         "--cmdline",
         "tests=write-verify wv-mib=64",
     ]);
