@@ -202,3 +202,45 @@ fn torture_reports_fault_counts() {
     let zero_fill: u64 = row.split_whitespace().nth(2).unwrap().parse().unwrap();
     assert!(zero_fill > 10_000, "{row}");
 }
+
+#[test]
+fn cow_clones_see_only_their_own_writes() {
+    need_kvm!();
+    let r = run(&["--clones", "3", "--cmdline", "tests=cow-clone clone-mib=8 seed=3"]);
+    assert_eq!(r.status(), 0, "{}\n{}", r.stdout(), r.stderr());
+    let mut vms: Vec<u64> = r.tests().iter().map(|t| t["vm"].as_u64().unwrap()).collect();
+    vms.sort();
+    assert_eq!(vms, vec![0, 1, 2, 3], "{:?}", r.tests());
+    assert!(r.tests().iter().all(|t| t["status"] == "pass"), "{:?}", r.tests());
+    let clones = r.stats()["clones"].as_array().unwrap().clone();
+    assert_eq!(clones.len(), 3);
+    for c in &clones {
+        assert_eq!(c["outcome"]["exit_status"], 0, "{c}");
+        assert!(c["clone_ms"].as_f64().unwrap() > 0.0);
+    }
+    assert!(r.stdout().contains("[clone 2] test cow-clone cpu 0: pass vm=2"), "{}", r.stdout());
+    assert!(r.stats()["faults"]["cow_copy"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn read_shared_clone_pages_are_one_host_page() {
+    need_kvm!();
+    // 32 MiB written before the clone; after it, each of the 4 VMs rewrites
+    // the first 16 MiB and only reads the second. With one host page per
+    // shared page the pool holds 32 + 4 x 16 MiB (plus the kernel's few
+    // MiB); copies would make it 32 + 4 x 32 MiB.
+    let r = run(&["--memory", "128M", "--clones", "3", "--cmdline", "tests=cow-clone clone-mib=32"]);
+    assert_eq!(r.status(), 0, "{}\n{}", r.stdout(), r.stderr());
+    let host = r.stats()["memory"]["pool_resident_bytes"].as_u64().unwrap() >> 20;
+    assert!(host >= 96, "the pool holds only {host} MiB: the test did not write what it should");
+    assert!(host < 96 + 24, "the pool holds {host} MiB: read-shared pages were copied");
+}
+
+#[test]
+fn clone_of_a_multi_vcpu_vm_is_refused_to_the_guest() {
+    need_kvm!();
+    let r = run(&["--vcpus", "2", "--cmdline", "tests=cow-clone"]);
+    assert_eq!(r.status(), 1, "{}\n{}", r.stdout(), r.stderr());
+    assert!(r.stdout().contains("CLONE failed: -22"), "{}", r.stdout());
+    assert!(r.stderr().contains("single-vCPU"), "{}", r.stderr());
+}

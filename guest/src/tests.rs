@@ -32,6 +32,8 @@ pub static ALL: &[Test] = &[
     t("file-map", "FNV-1a of every --map-file region; writes by mode (ro must fault)", false, file_map),
     t("kernel-touch", "ring 0 touched fresh pages at boot (exit delivery); ring 3 checks them", false, kernel_touch),
     t("fw-cfg", "read QEMU's fw_cfg (signature, id, cpus, RAM size, files) and report it", false, fw_cfg),
+    t("cow-clone", "clone the VM; parent and clones write their own data, see only their own", false, cow_clone),
+    t("clone-bench", "touch clone-mib MiB, then clone (vkvm times the clone)", false, clone_bench),
     t("bad-hypercall", "hostile hypercall arguments get error codes", false, bad_hypercall),
     t("crash", "ring-3 access to an unmapped address: the kernel reports a crash", false, crash),
     t("triple-fault", "wreck the IDT and fault: the VM shuts down", false, triple_fault),
@@ -622,6 +624,85 @@ fn kernel_touch(_ctx: &Ctx) -> Outcome {
         }
     }
     out.count("pages", KT_PAGES).count("cycles_per_page", cycles / KT_PAGES);
+    out
+}
+
+/// `clone-mib` (default 16) MiB of the arena, for the clone tests.
+fn clone_region(ctx: &Ctx) -> (u64, u64) {
+    let mib = ctx.opt(b"clone-mib").and_then(parse_u64).unwrap_or(16);
+    (ctx.arena_start, (ctx.arena_start + (mib << 20)).min(ctx.arena_end))
+}
+
+/// CLONE: 0 in the parent, the clone's number (1..) in a clone.
+fn clone_vm(ctx: &Ctx, out: &mut Outcome) -> Option<u64> {
+    if !platform::is_vkvm() {
+        out.fail().s("needs vkvm's CLONE hypercall");
+        return None;
+    }
+    let r = hypercall(ctx.cpu, abi::nr::CLONE, &[]);
+    if r < 0 {
+        out.fail().s("CLONE failed: -").dec(r.unsigned_abs());
+        return None;
+    }
+    Some(r as u64)
+}
+
+/// Fill a region, clone, then every VM (parent 0, clones 1..) writes its own
+/// pattern over the first half and checks: the first half holds its own
+/// data (a clone's or the parent's writes never show through), the second
+/// half still holds the data from before the clone (read-shared pages).
+fn cow_clone(ctx: &Ctx) -> Outcome {
+    let mut out = Outcome::new();
+    let (start, end) = clone_region(ctx);
+    let mid = start + ((end - start) / 2 & !0xfff);
+    for a in (start..end).step_by(8) {
+        // SAFETY: arena memory reserved for tests.
+        unsafe { (a as *mut u64).write_volatile(pattern(a, ctx.seed)) };
+    }
+    let Some(me) = clone_vm(ctx, &mut out) else { return out };
+    let mine = ctx.seed ^ ((me + 1) << 40);
+    for a in (start..mid).step_by(8) {
+        // SAFETY: as above.
+        unsafe { (a as *mut u64).write_volatile(pattern(a, mine)) };
+    }
+    // Give the other VMs time to write theirs, so a leak would show.
+    let t0 = rdtsc();
+    while rdtsc() - t0 < 200_000_000 {
+        core::hint::spin_loop();
+    }
+    for a in (start..end).step_by(8) {
+        let want = pattern(a, if a < mid { mine } else { ctx.seed });
+        // SAFETY: as above.
+        let found = unsafe { (a as *const u64).read_volatile() };
+        if found != want {
+            out.fail()
+                .s("vm ")
+                .dec(me)
+                .s(": first wrong address ")
+                .hex(a)
+                .s(" expected ")
+                .hex(want)
+                .s(" found ")
+                .hex(found);
+            break;
+        }
+    }
+    out.count("vm", me).count("pages_written", (mid - start) / 4096).count("pages_shared", (end - mid) / 4096);
+    out
+}
+
+/// Touch the region (so the parent has it resident), then clone; vkvm
+/// reports the clone time in its stats.
+fn clone_bench(ctx: &Ctx) -> Outcome {
+    let mut out = Outcome::new();
+    let (start, end) = clone_region(ctx);
+    for a in (start..end).step_by(4096) {
+        // SAFETY: as above.
+        unsafe { (a as *mut u64).write_volatile(a) };
+    }
+    let t0 = rdtsc();
+    let Some(me) = clone_vm(ctx, &mut out) else { return out };
+    out.count("vm", me).count("pages", (end - start) / 4096).count("clone_cycles", rdtsc() - t0);
     out
 }
 

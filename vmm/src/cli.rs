@@ -122,6 +122,10 @@ pub struct RunArgs {
     /// on these hosts only emulated ring-0 accesses), or auto.
     #[arg(long, value_enum, default_value_t = FaultDelivery::Auto)]
     pub fault_delivery: FaultDelivery,
+    /// Clones each CLONE hypercall makes (copy-on-write VMs resuming from
+    /// the caller's state; the guest test `cow-clone` uses it).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub clones: u32,
     /// Busy-poll the userfaultfd instead of sleeping in poll(2).
     #[arg(long)]
     pub uffd_poll: bool,

@@ -13,6 +13,8 @@ pub enum Action {
     Continue,
     Exit(u8),
     Park,
+    /// Clone the VM; the block at this address gets each clone's number.
+    Clone(u64),
 }
 
 struct Block {
@@ -62,7 +64,10 @@ pub fn handle(shared: &Shared, cpu: u32, value: u32) -> Action {
     }
     // The block was checked to be inside RAM above.
     let _ = shared.ram.write(gpa + 56, &ret.to_le_bytes());
-    action
+    match action {
+        Action::Clone(_) => Action::Clone(gpa),
+        a => a,
+    }
 }
 
 fn dispatch(shared: &Shared, cpu: u32, b: &Block) -> (i64, Action) {
@@ -87,7 +92,8 @@ fn dispatch(shared: &Shared, cpu: u32, b: &Block) -> (i64, Action) {
             }
             match read_guest(shared, a[0], a[1]) {
                 Ok(bytes) => {
-                    let r = TestResult::decode(&bytes);
+                    let mut r = TestResult::decode(&bytes);
+                    r.vm = shared.vm_id;
                     debug!("vcpu {cpu}: test {} {}", r.name, r.status);
                     shared.tests.lock().unwrap_or_else(|e| e.into_inner()).push(r);
                     (0, Action::Continue)
@@ -99,6 +105,8 @@ fn dispatch(shared: &Shared, cpu: u32, b: &Block) -> (i64, Action) {
         nr::TSC_KHZ => (shared.tsc_khz as i64, Action::Continue),
         nr::NR_VCPUS => (shared.nr_vcpus as i64, Action::Continue),
         nr::PARK => (0, Action::Park),
+        // The parent sees 0; each clone's copy of the block gets its number.
+        nr::CLONE => (0, Action::Clone(0)),
         other => {
             warn!("vcpu {cpu}: unknown hypercall {other}");
             (-abi::ENOSYS, Action::Continue)

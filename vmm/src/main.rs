@@ -4,6 +4,7 @@
 mod abi;
 mod boot;
 mod cli;
+mod clone;
 mod devices;
 mod error;
 mod exit;

@@ -95,7 +95,7 @@ pub struct GuestRam {
     pub size: u64,
     /// `--map-file` regions, in command-line order.
     pub files: Vec<Region>,
-    _ram: pager::ObjHandle,
+    ram_object: pager::ObjHandle,
     _pageout: Option<pager::PageoutDaemon>,
 }
 
@@ -191,7 +191,68 @@ impl GuestRam {
             None
         };
         info!("guest RAM: {} MiB, {:?} delivery, budget {} pages", cfg.size >> 20, cfg.delivery, budget);
-        Ok(GuestRam { vm, map, view, uffd, size: cfg.size, files: regions, _ram: ram, _pageout: pageout })
+        Ok(GuestRam { vm, map, view, uffd, size: cfg.size, files: regions, ram_object: ram, _pageout: pageout })
+    }
+
+    /// A copy-on-write clone of this guest memory for a VM clone: a new view
+    /// (and userfaultfd) over the same frame pool, and the pager map forked
+    /// onto it (`vmspace_fork`: entries become copy-on-write and this view is
+    /// write-protected). Costs O(map entries + present pages to write-protect),
+    /// never a copy of guest memory.
+    pub fn fork(&self) -> Result<GuestRam, Error> {
+        let uffd = match self.view.delivery() {
+            Delivery::Uffd => Some(Arc::new(
+                Uffd::new(uffd_features()).map_err(|e| Error::Crash(format!("userfaultfd for a clone: {e}")))?,
+            )),
+            Delivery::Exit => None,
+        };
+        let zvm = self.vm.clone();
+        let view = View::new(
+            self.view.window(),
+            self.vm.pool().fd(),
+            self.view.delivery(),
+            uffd.clone(),
+            Box::new(move |f| zvm.pool().zero(f).is_ok()),
+        )
+        .map_err(|e| Error::Crash(format!("cannot reserve a clone's view: {e}")))?;
+        let crash = |e: &dyn std::fmt::Display| Error::Crash(format!("cannot map a clone's memory: {e}"));
+        view.add_region(0, self.size, self.ram_object.preferred_frames().map(|(b, _)| b)).map_err(|e| crash(&e))?;
+        for r in &self.files {
+            view.add_region(r.gpa, r.len, r.object.preferred_frames().map(|(b, _)| b)).map_err(|e| crash(&e))?;
+        }
+        let view = Arc::new(view);
+        // The caller runs the parent's write-protection (`view.run_deferred`)
+        // once the clone is started, before the parent runs again.
+        self.view.defer_protect();
+        let map = self.map.fork(view.clone());
+        if map.is_err() {
+            self.view.run_deferred();
+        }
+        let map = map.map_err(|e| crash(&e))?;
+        Ok(GuestRam {
+            vm: self.vm.clone(),
+            map,
+            view,
+            uffd,
+            size: self.size,
+            files: self.files.clone(),
+            ram_object: self.ram_object.clone(),
+            _pageout: None,
+        })
+    }
+
+    /// Bytes of guest data the host holds in the frame pool (st_blocks of
+    /// its memfd): what one host page shared by many guest pages counts once.
+    pub fn pool_resident_bytes(&self) -> u64 {
+        // SAFETY: fstat on the pool's memfd into a local struct.
+        unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::fstat(self.vm.pool().fd(), &mut st) == 0 {
+                st.st_blocks as u64 * 512
+            } else {
+                0
+            }
+        }
     }
 
     /// Read guest memory through the pager (brings pages in, never zeros

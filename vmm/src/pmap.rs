@@ -63,6 +63,8 @@ pub struct View {
     /// Writes a frame's zeros into the page cache (read-only installs of a hole).
     zero_frame: Box<dyn Fn(Frame) -> bool + Send + Sync>,
     slots: Mutex<Vec<u64>>,
+    /// While set, `protect` only records its ranges (see `defer_protect`).
+    deferred: Mutex<Option<Vec<(u64, u64, Prot)>>>,
     pub stats: ViewStats,
 }
 
@@ -113,6 +115,7 @@ impl View {
             uffd,
             zero_frame,
             slots: Mutex::new(vec![NO_FRAME; (size / PS) as usize]),
+            deferred: Mutex::new(None),
             stats: ViewStats::default(),
         })
     }
@@ -155,9 +158,29 @@ impl View {
     pub fn host_addr(&self) -> u64 {
         self.base
     }
+    /// Size of the guest-physical window.
+    pub fn window(&self) -> u64 {
+        self.size
+    }
     pub fn delivery(&self) -> Delivery {
         self.delivery
     }
+    /// Record `protect` calls instead of doing them, until `run_deferred`.
+    /// For a clone: the parent's only vCPU is the thread that clones, so it
+    /// cannot write until the protection is done, and the clone can start
+    /// before the O(resident pages) write-protection of the parent.
+    pub fn defer_protect(&self) {
+        *self.deferred.lock() = Some(Vec::new());
+    }
+
+    /// Carry out the recorded `protect` calls.
+    pub fn run_deferred(&self) {
+        let ranges = self.deferred.lock().take().unwrap_or_default();
+        for (s, e, p) in ranges {
+            self.protect(s, e, p);
+        }
+    }
+
     /// Guest address of a host address inside the view.
     pub fn gpa_of(&self, host: u64) -> Option<u64> {
         host.checked_sub(self.base).filter(|&o| o < self.size)
@@ -311,6 +334,10 @@ impl Pmap for View {
     fn protect(&self, start: u64, end: u64, prot: Prot) {
         if prot.writable() {
             return; // pmap_protect only ever takes rights away
+        }
+        if let Some(d) = self.deferred.lock().as_mut() {
+            d.push((start, end, prot));
+            return;
         }
         if prot == Prot::NONE {
             return self.remove(start, end);

@@ -17,6 +17,8 @@ pub struct TestResult {
     pub name: String,
     pub status: &'static str,
     pub cpu: u32,
+    /// The VM that reported it: 0 for the one vkvm booted, 1.. for clones.
+    pub vm: u32,
     #[serde(flatten)]
     pub counters: Map<String, Value>,
     #[serde(skip_serializing_if = "String::is_empty")]
@@ -53,6 +55,7 @@ impl TestResult {
             name: text(&b[..name_end]),
             status: if status == abi::TEST_PASS { "pass" } else { "fail" },
             cpu,
+            vm: 0,
             counters,
             detail: text(&b[detail..detail + abi::DETAIL_LEN]),
         }

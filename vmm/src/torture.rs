@@ -19,10 +19,18 @@ pub struct Torture {
     pub cmdline: &'static str,
     /// vCPUs, if the test needs more than the user asked for.
     pub min_vcpus: u32,
+    /// `vkvm run` options the test needs (`{mem/4}` is a quarter of --memory,
+    /// `{file}` a scratch file of 1 MiB of seeded bytes).
+    pub run_args: &'static [&'static str],
 }
 
 const fn t(name: &'static str, about: &'static str, cmdline: &'static str, min_vcpus: u32) -> Torture {
-    Torture { name, about, cmdline, min_vcpus }
+    Torture { name, about, cmdline, min_vcpus, run_args: &[] }
+}
+
+const fn with(mut t: Torture, run_args: &'static [&'static str]) -> Torture {
+    t.run_args = run_args;
+    t
 }
 
 #[rustfmt::skip]
@@ -33,6 +41,14 @@ pub static SUITE: &[Torture] = &[
     t("write-verify", "address-derived patterns over all free guest memory, rewritten and re-read", "", 1),
     t("smp-storm", "2+ vCPUs write interleaved words of the same pages in seeded orders", "", 2),
     t("exit-storm", "PIO out, port read and hypercall loops", "storm-iters=5000", 1),
+    with(t("swap-storm", "write-verify over 4x the resident budget: pageout and page-in", "", 1),
+         &["--phys-mem", "{mem/4}"]),
+    with(t("cow-clone", "clone the VM twice; each writes its own data and sees only it", "", 1), &["--clones", "2"]),
+    with(t("file-map", "a file mapped read-only, shared and private: hashes, writes, refused write", "", 1),
+         &["--map-file", "{file}@0xc0000000,ro", "--map-file", "{file}.shared@0xc0200000,shared",
+           "--map-file", "{file}.private@0xc0400000,private"]),
+    with(t("kernel-touch", "ring 0 touches fresh pages at boot; delivered as KVM exits", "", 1),
+         &["--fault-delivery", "exit"]),
 ];
 
 pub fn list() -> String {
@@ -108,7 +124,8 @@ pub fn command(run: &RunArgs, tests: &[String], seed: u64, json_out: Option<&Pat
 fn run_one(exe: &Path, run: &RunArgs, t: &Torture, seed: u64) -> Result<Outcome, Error> {
     let dir = tempfile::tempdir().map_err(Error::io("cannot create a scratch directory"))?;
     let stats_path: PathBuf = dir.path().join("stats.json");
-    let mut cmdline = format!("tests={} seed={seed} {}", t.name, t.cmdline);
+    let guest_test = if t.name == "swap-storm" { "write-verify" } else { t.name };
+    let mut cmdline = format!("tests={guest_test} seed={seed} {}", t.cmdline);
     if !run.cmdline.is_empty() {
         cmdline = format!("{cmdline} {}", run.cmdline);
     }
@@ -123,6 +140,19 @@ fn run_one(exe: &Path, run: &RunArgs, t: &Torture, seed: u64) -> Result<Outcome,
         .arg(&run.kvm_device)
         .arg("--stats-json")
         .arg(&stats_path);
+    let file = dir.path().join("file");
+    if t.run_args.iter().any(|a| a.contains("{file}")) {
+        let bytes: Vec<u8> =
+            (0..1u64 << 20).map(|i| (i.wrapping_mul(seed | 1).wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+        for suffix in ["", ".shared", ".private"] {
+            std::fs::write(format!("{}{suffix}", file.display()), &bytes)
+                .map_err(Error::io("cannot write a scratch file"))?;
+        }
+    }
+    for a in t.run_args {
+        let mem4 = (run.memory / 4).max(crate::cli::MIN_PHYS_MEM).to_string();
+        cmd.arg(a.replace("{mem/4}", &mem4).replace("{file}", &file.display().to_string()));
+    }
     let started = Instant::now();
     let out = cmd.output().map_err(Error::io("cannot start vkvm run"))?;
     let elapsed = started.elapsed();

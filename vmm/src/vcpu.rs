@@ -70,6 +70,17 @@ pub fn run(shared: Arc<Shared>, mut vcpu: VcpuFd, id: u32) {
                 shared.park();
                 return;
             }
+            Step::Clone(block) => {
+                let r = match &shared.clones {
+                    Some(ctx) => ctx.spawn(&shared, &vcpu, block),
+                    None => Err(crate::error::Error::Config("a clone cannot clone itself".into())),
+                };
+                if let Err(e) = r {
+                    // The guest learns through `ret`; the VM keeps running.
+                    warn!("vcpu {id}: CLONE failed: {e}");
+                    let _ = shared.ram.write(block + 56, &(-crate::abi::EINVAL).to_le_bytes());
+                }
+            }
             Step::Inject(f) => {
                 debug!(
                     "vcpu {id}: {} at {:#x} refused ({}): #PF",
@@ -92,6 +103,8 @@ enum Step {
     Stop(Outcome),
     /// Raise #PF for a refused access once the exit's borrow of the vCPU ends.
     Inject(GuestFault),
+    /// Clone the VM from this vCPU's state (hypercall block at this address).
+    Clone(u64),
 }
 
 fn handle_exit(shared: &Shared, id: u32, exit: VcpuExit) -> (Reason, Step) {
@@ -148,6 +161,7 @@ fn io_out(shared: &Shared, id: u32, port: u16, data: &[u8]) -> Step {
                 Action::Continue => {}
                 Action::Exit(s) => return Step::Stop(Outcome::Exit(s)),
                 Action::Park => return Step::Park,
+                Action::Clone(block) => return Step::Clone(block),
             }
         }
         abi::NULL_PORT => {}

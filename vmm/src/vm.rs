@@ -61,7 +61,12 @@ pub struct Shared {
     /// fw_cfg, PCI configuration ports, debug-exit and shutdown ports.
     pub pc: Pc,
     pub stats: Stats,
-    pub tests: Mutex<Vec<TestResult>>,
+    /// Test reports of this VM and all its clones (each tagged with its VM).
+    pub tests: Arc<Mutex<Vec<TestResult>>>,
+    /// 0 for the VM vkvm booted, 1.. for clones.
+    pub vm_id: u32,
+    /// What a CLONE hypercall needs (None in a clone of a clone's... never).
+    pub clones: Option<Arc<crate::clone::CloneCtx>>,
     pub nr_vcpus: u32,
     pub tsc_khz: u32,
     /// Exit-latency histograms, when profiling is on.
@@ -74,6 +79,44 @@ pub struct Shared {
 }
 
 impl Shared {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ram: Arc<GuestRam>,
+        nr_vcpus: u32,
+        tsc_khz: u32,
+        console: Box<dyn std::io::Write + Send>,
+        tests: Arc<Mutex<Vec<TestResult>>>,
+        vm_id: u32,
+        clones: Option<Arc<crate::clone::CloneCtx>>,
+        profile: Option<crate::profile::Profile>,
+        rom: Option<vm_memory::GuestMemoryMmap>,
+    ) -> Result<Shared, Error> {
+        let memory = ram.size;
+        Ok(Shared {
+            ram,
+            delivery: Arc::new(DeliveryStats::default()),
+            vcpus: (0..nr_vcpus).map(|_| VcpuSlot::default()).collect(),
+            serial: Serial::new(console),
+            pc: Pc::new(nr_vcpus, memory),
+            stats: Stats::default(),
+            tests,
+            vm_id,
+            clones,
+            nr_vcpus,
+            tsc_khz,
+            profile,
+            _rom: rom,
+            parked: AtomicU32::new(0),
+            outcome: Mutex::new(None),
+            exit_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::io("eventfd"))?,
+        })
+    }
+
+    /// How this VM ended, if it has.
+    pub fn outcome(&self) -> Option<Outcome> {
+        self.outcome.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// The first outcome wins; the monitor is woken to stop the VM.
     pub fn finish(&self, o: Outcome) {
         let mut g = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
@@ -244,22 +287,18 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
     }
     let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0);
 
-    let shared = Arc::new(Shared {
-        ram: ram.clone(),
-        delivery: Arc::new(DeliveryStats::default()),
-        vcpus: (0..args.vcpus).map(|_| VcpuSlot::default()).collect(),
-        serial: Serial::new(Box::new(std::io::stdout())),
-        pc: Pc::new(args.vcpus, args.memory),
-        stats: Stats::default(),
-        tests: Mutex::new(Vec::new()),
-        nr_vcpus: args.vcpus,
+    let clones = Arc::new(crate::clone::CloneCtx::new(args, &cpuid));
+    let shared = Arc::new(Shared::new(
+        ram.clone(),
+        args.vcpus,
         tsc_khz,
-        profile: profiling.then(|| crate::profile::Profile::new(args.vcpus)),
-        _rom: rom,
-        parked: AtomicU32::new(0),
-        outcome: Mutex::new(None),
-        exit_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::io("eventfd"))?,
-    });
+        Box::new(std::io::stdout()),
+        Arc::new(Mutex::new(Vec::new())),
+        0,
+        Some(clones.clone()),
+        profiling.then(|| crate::profile::Profile::new(args.vcpus)),
+        rom,
+    )?);
     info!(
         "booting {what} by {}: {} MiB, {} vcpu(s), entry {:#x}{}",
         entry.protocol(),
@@ -269,23 +308,11 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
         if firmware { " through the firmware" } else { "" }
     );
     let stop_faults = Arc::new(AtomicBool::new(false));
-    if ram.uffd.is_some() {
-        let (r, d, stop, s) = (ram.clone(), shared.delivery.clone(), stop_faults.clone(), shared.clone());
-        let poll = args.uffd_poll;
-        std::thread::Builder::new()
-            .name("uffd".into())
-            .spawn(move || crate::fault::serve(r, d, stop, poll, |msg| s.finish(Outcome::Crash(msg)), |f| s.refuse(f)))
-            .map_err(Error::io("cannot start the userfaultfd thread"))?;
-    }
-    for (id, vcpu) in vcpus.into_iter().enumerate() {
-        let s = shared.clone();
-        std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || crate::vcpu::run(s, vcpu, id as u32))
-            .map_err(Error::io("cannot start a vCPU thread"))?;
-    }
+    start_threads(&shared, vcpus, &stop_faults, args.uffd_poll)?;
 
     let outcome = monitor(&shared, args.timeout)?;
+    // Clones run on; the run is over when every one has stopped too.
+    let outcome = clones.wait_all(outcome, started, args.timeout);
     stop_faults.store(true, Ordering::Relaxed);
     // Shared file mappings are written back before vkvm reports success.
     let outcome = match (outcome, shared.ram.sync_files()) {
@@ -303,7 +330,34 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
     Ok(done)
 }
 
-fn register_memory(vm: &VmFd, ram: &GuestRam) -> Result<(), Error> {
+/// Start a VM's userfaultfd handler (if it has one) and its vCPU threads.
+pub fn start_threads(
+    shared: &Arc<Shared>,
+    vcpus: Vec<kvm_ioctls::VcpuFd>,
+    stop_faults: &Arc<AtomicBool>,
+    uffd_poll: bool,
+) -> Result<(), Error> {
+    let ram = &shared.ram;
+    if ram.uffd.is_some() {
+        let (r, d, stop, s) = (ram.clone(), shared.delivery.clone(), stop_faults.clone(), shared.clone());
+        std::thread::Builder::new()
+            .name(format!("uffd-vm{}", shared.vm_id))
+            .spawn(move || {
+                crate::fault::serve(r, d, stop, uffd_poll, |msg| s.finish(Outcome::Crash(msg)), |f| s.refuse(f))
+            })
+            .map_err(Error::io("cannot start the userfaultfd thread"))?;
+    }
+    for (id, vcpu) in vcpus.into_iter().enumerate() {
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("vm{}-vcpu{id}", shared.vm_id))
+            .spawn(move || crate::vcpu::run(s, vcpu, id as u32))
+            .map_err(Error::io("cannot start a vCPU thread"))?;
+    }
+    Ok(())
+}
+
+pub fn register_memory(vm: &VmFd, ram: &GuestRam) -> Result<(), Error> {
     let regions = std::iter::once((0, ram.size)).chain(ram.files.iter().map(|r| (r.gpa, r.len)));
     for (slot, (gpa, len)) in regions.enumerate() {
         let r = kvm_userspace_memory_region {
@@ -324,7 +378,7 @@ fn register_memory(vm: &VmFd, ram: &GuestRam) -> Result<(), Error> {
 /// and PIT, before any vCPU exists: the LAPIC is what lets a kernel start
 /// its APs by INIT/SIPI. Without a PIT nothing is lost but a timer a
 /// kernel might calibrate against, so its failure only warns.
-fn create_irqchip(vm: &VmFd) -> Result<(), Error> {
+pub fn create_irqchip(vm: &VmFd) -> Result<(), Error> {
     vm.create_irq_chip().map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
     let pit = kvm_bindings::kvm_pit_config::default();
     if let Err(e) = vm.create_pit2(pit) {
@@ -419,12 +473,14 @@ fn write_stats(path: &Path, done: &Finished) -> Result<(), Error> {
         "vcpus": shared.nr_vcpus,
         "elapsed_ms": done.elapsed.as_secs_f64() * 1e3,
         "faults": fault_stats(shared),
+        "clones": shared.clones.as_ref().map(|c| c.stats_json()).unwrap_or_default(),
         "pageout": { "pages_out": pstats.pages_out, "pages_in": pstats.pages_in },
         "memory": {
             "host_remaps": shared.ram.view.stats.remaps.load(Ordering::Relaxed),
             "host_map_errors": shared.ram.view.stats.map_errors.load(Ordering::Relaxed),
             "resident_pages": shared.ram.vm.pool().resident(),
             "present_pages": shared.ram.view.present_count(),
+            "pool_resident_bytes": shared.ram.pool_resident_bytes(),
         },
     });
     if let Outcome::Crash(msg) = &done.outcome {
