@@ -279,3 +279,23 @@ fn torture_failure_names_the_first_wrong_address_and_exits_1() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown torture test 'nope'"));
 }
+
+#[test]
+fn bench_compares_modes_in_one_run() {
+    need_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = Command::new(VKVM)
+        .args(["bench", "--runs", "1", "--memory", "64M", "--clone-sizes", "16", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("first touch, sequential") && stdout.contains("x)"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let seq = &v["cycles"]["first touch, sequential"];
+    assert!(seq["prefault"].as_u64().unwrap() > 0 && seq["uffd"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["cycles"]["first touch from ring 0"]["exit"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["clone"]["16MiB"]["clone_ms"].as_f64().unwrap() > 0.0);
+}

@@ -453,6 +453,14 @@ fn touch(ctx: &Ctx, index: impl Fn(u64) -> u64) -> Outcome {
         unsafe { (a as *mut u64).write_volatile(a ^ ctx.seed) };
     }
     let cycles = rdtsc() - t0;
+    // Steady state: the same pages again, now mapped.
+    let t1 = rdtsc();
+    for i in 0..pages {
+        let a = start + index(i) * 4096;
+        // SAFETY: as above.
+        unsafe { (a as *mut u64).write_volatile(a ^ ctx.seed) };
+    }
+    let recycles = rdtsc() - t1;
     let mut out = Outcome::new();
     for i in 0..pages {
         let a = start + i * 4096;
@@ -465,6 +473,7 @@ fn touch(ctx: &Ctx, index: impl Fn(u64) -> u64) -> Outcome {
     }
     let khz = tsc_khz();
     out.count("pages", pages).count("cycles_per_page", cycles / pages.max(1)).count("tsc_khz", khz);
+    out.count("retouch_cycles", recycles / pages.max(1));
     if let Some(ns) = (cycles * 1_000 / pages.max(1)).checked_div(khz / 1000) {
         out.count("ns_per_page", ns);
     }

@@ -58,6 +58,24 @@ pub enum Command {
         #[command(flatten)]
         run: RunArgs,
     },
+    /// Compare the same guest workloads pre-populated, demand-paged (uffd,
+    /// uffd polling, exits) and under QEMU, in one run; print ratios.
+    Bench {
+        /// Runs per workload and mode (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        /// Touched sizes (MiB) for the clone-vs-copy figures.
+        #[arg(long, value_delimiter = ',', default_value = "64,1024", value_name = "MIB,...")]
+        clone_sizes: Vec<u64>,
+        /// The QEMU binary for the comparison column.
+        #[arg(long, default_value = "qemu-system-x86_64")]
+        qemu: String,
+        /// Also write the figures as JSON.
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
     /// Run a workload with exit-latency profiling and write profile.json,
     /// profile.svg (histograms) and a table.
     Profile {

@@ -15,8 +15,10 @@ use std::sync::Arc;
 
 const PS: u64 = 4096;
 /// Fault-around grows from MIN to MAX pages while faults stay sequential.
-const AROUND_MIN: u64 = 16;
+const AROUND_MIN: u64 = 64;
 const AROUND_MAX: u64 = 512;
+/// Pages resolved before their installs are flushed.
+const BATCH: u64 = 64;
 
 /// A guest access the map refused, to be reported to the guest.
 #[derive(Clone, Copy, Debug)]
@@ -110,14 +112,23 @@ pub fn serve(
             let headroom = if pressed && !sequential { 0 } else { headroom };
             let end = (gpa + (around.min(headroom) + 1) * PS).min(ram.size);
             let mut a = gpa + PS;
-            while a < end {
-                if !ram.view.present(a) {
-                    if pager::fault(&ram.map, a, access, FaultFlags::NO_PREFAULT).is_err() {
-                        break;
+            // In chunks: the pager resolves a chunk, then each run of fresh
+            // pages is installed by one ioctl; the vCPU (already woken for
+            // its own page) runs through one chunk while the next is made.
+            'around: while a < end {
+                ram.view.begin_batch();
+                let chunk_end = (a + BATCH * PS).min(end);
+                while a < chunk_end {
+                    if !ram.view.present(a) {
+                        if pager::fault(&ram.map, a, access, FaultFlags::NO_PREFAULT).is_err() {
+                            ram.view.end_batch();
+                            break 'around;
+                        }
+                        stats.around.fetch_add(1, Ordering::Relaxed);
                     }
-                    stats.around.fetch_add(1, Ordering::Relaxed);
+                    a += PS;
                 }
-                a += PS;
+                ram.view.end_batch();
             }
             if a > gpa + PS {
                 last_gpa = a - PS;

@@ -2,6 +2,7 @@
 //! the BSD VM system runs a process.
 
 mod abi;
+mod bench;
 mod boot;
 mod cli;
 mod clone;
@@ -38,6 +39,9 @@ fn main() -> ExitCode {
             Ok(0)
         }
         cli::Command::Torture { tests, seed, json, run, .. } => torture::command(&run, &tests, seed, json.as_deref()),
+        cli::Command::Bench { runs, clone_sizes, qemu, json, run } => {
+            bench::command(&run, runs.max(1), &clone_sizes, &qemu, json.as_deref())
+        }
         cli::Command::Profile { mut run, out } => profile::command(&mut run, &out),
         cli::Command::Guest { output, format } => guest_image::write(&output, format).map(|()| 0),
         cli::Command::Firmware { output } => std::fs::write(&output, boot::firmware::ROM)

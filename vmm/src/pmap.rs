@@ -33,6 +33,9 @@ const PRESENT: u64 = 1 << 63;
 /// cache (CONTINUE first); a never-installed frame is likely a hole (ZEROPAGE first).
 const SEEN: u64 = 1 << 62;
 const FLAGS: u64 = PRESENT | SEEN;
+/// Entered, install pending in the current batch (implies the frame is set).
+const PENDING: u64 = 1 << 61;
+const FLAGS_ALL: u64 = FLAGS | PENDING;
 const NO_FRAME: u64 = u64::MAX >> 2;
 
 /// How absent pages reach the VMM.
@@ -65,6 +68,9 @@ pub struct View {
     slots: Mutex<Vec<u64>>,
     /// While set, `protect` only records its ranges (see `defer_protect`).
     deferred: Mutex<Option<Vec<(u64, u64, Prot)>>>,
+    /// Pages whose writable install of a never-seen frame waits for
+    /// `end_batch` (fault-around), so a run of holes takes one ZEROPAGE.
+    batch: Mutex<Option<Vec<usize>>>,
     pub stats: ViewStats,
 }
 
@@ -116,6 +122,7 @@ impl View {
             zero_frame,
             slots: Mutex::new(vec![NO_FRAME; (size / PS) as usize]),
             deferred: Mutex::new(None),
+            batch: Mutex::new(None),
             stats: ViewStats::default(),
         })
     }
@@ -181,13 +188,43 @@ impl View {
         }
     }
 
+    /// Start collecting installs of fresh writable pages (fault-around).
+    pub fn begin_batch(&self) {
+        *self.batch.lock() = Some(Vec::new());
+    }
+
+    /// Install the collected pages: one UFFDIO_ZEROPAGE per run of
+    /// contiguous holes, page by page where that fails (data was there).
+    pub fn end_batch(&self) {
+        let Some(mut pages) = self.batch.lock().take() else { return };
+        pages.sort_unstable();
+        let mut slots = self.slots.lock();
+        // Pages removed meanwhile are no longer pending.
+        pages.retain(|&p| slots[p] & PENDING != 0);
+        let mut i = 0;
+        while i < pages.len() {
+            let run = pages[i..].iter().enumerate().take_while(|&(k, &p)| p == pages[i] + k).count();
+            let host = self.base + pages[i] as u64 * PS;
+            let whole = self.uffd.as_ref().is_some_and(|u| u.zeropage(host, run as u64 * PS).is_ok());
+            for &p in &pages[i..i + run] {
+                let frame = slots[p] & !FLAGS_ALL;
+                let done = whole || self.install(self.base + p as u64 * PS, frame, Prot::RW, true).is_ok();
+                slots[p] = if done { frame | PRESENT | SEEN } else { NO_FRAME };
+            }
+            if whole {
+                self.stats.installs.fetch_add(run as u64, Ordering::Relaxed);
+            }
+            i += run;
+        }
+    }
+
     /// Guest address of a host address inside the view.
     pub fn gpa_of(&self, host: u64) -> Option<u64> {
         host.checked_sub(self.base).filter(|&o| o < self.size)
     }
     /// Is a PTE present at `gpa` (as far as enter/remove know)?
     pub fn present(&self, gpa: u64) -> bool {
-        self.slots.lock().get((gpa / PS) as usize).is_some_and(|s| s & PRESENT != 0)
+        self.slots.lock().get((gpa / PS) as usize).is_some_and(|s| s & (PRESENT | PENDING) != 0)
     }
     /// Number of present pages (for `--prefault` checks and stats).
     pub fn present_count(&self) -> usize {
@@ -290,9 +327,16 @@ impl Pmap for View {
         let host = self.base + p as u64 * PS;
         let mut slots = self.slots.lock();
         let Some(slot) = slots.get_mut(p) else { return };
+        if *slot & !FLAGS_ALL == frame && *slot & (SEEN | PRESENT) == 0 && prot.writable() {
+            if let Some(b) = self.batch.lock().as_mut() {
+                b.push(p);
+                *slot = frame | PENDING;
+                return;
+            }
+        }
         let res = (|| {
             let mut seen = *slot & SEEN != 0;
-            if *slot & !FLAGS != frame {
+            if *slot & !FLAGS_ALL != frame {
                 self.map_frame(host, frame, prot)?;
                 seen = false;
             }
@@ -327,7 +371,7 @@ impl Pmap for View {
             error!("cannot remove guest [{start:#x}, {end:#x}): {err}");
         }
         for s in &mut slots[s..e] {
-            *s &= !PRESENT;
+            *s &= !(PRESENT | PENDING);
         }
     }
 
@@ -343,7 +387,12 @@ impl Pmap for View {
             return self.remove(start, end);
         }
         let Some((s, e)) = self.range(start, end) else { return };
-        let slots = self.slots.lock();
+        let mut slots = self.slots.lock();
+        // A pending writable install must not happen after this: drop it
+        // (the page faults again and gets its protection then).
+        for x in &mut slots[s..e] {
+            *x &= !PENDING;
+        }
         // Only present pages change; absent ones fault and get their prot then.
         let mut i = s;
         while i < e {
@@ -369,7 +418,7 @@ impl Pmap for View {
 
     fn extract(&self, addr: u64) -> Option<Frame> {
         let s = *self.slots.lock().get((addr / PS) as usize)?;
-        (s & PRESENT != 0).then_some(s & !FLAGS)
+        (s & (PRESENT | PENDING) != 0).then_some(s & !FLAGS_ALL)
     }
 }
 
