@@ -190,14 +190,7 @@ fn bad_vcpu_counts_are_refused() {
 
 #[test]
 fn same_guest_boots_under_qemu() {
-    if Command::new("qemu-system-x86_64").arg("--version").output().is_err() {
-        assert!(
-            std::env::var("VKVM_REQUIRE_QEMU").as_deref() != Ok("1"),
-            "VKVM_REQUIRE_QEMU=1 but qemu-system-x86_64 is not installed"
-        );
-        eprintln!("skipping: qemu-system-x86_64 is not installed");
-        return;
-    }
+    need_qemu!();
     need_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let p = bundled_guest(dir.path());

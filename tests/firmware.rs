@@ -184,14 +184,7 @@ fn corrupting_needs_firmware_boot() {
 /// through isa-debug-exit.
 #[test]
 fn firmware_boots_the_guest_under_qemu() {
-    if std::process::Command::new("qemu-system-x86_64").arg("--version").output().is_err() {
-        assert!(
-            std::env::var("VKVM_REQUIRE_QEMU").as_deref() != Ok("1"),
-            "VKVM_REQUIRE_QEMU=1 but qemu-system-x86_64 is not installed"
-        );
-        eprintln!("skipping: qemu-system-x86_64 is not installed");
-        return;
-    }
+    need_qemu!();
     need_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let elf = bundled_guest(dir.path());

@@ -281,18 +281,6 @@ fn forced_multiboot_reports_guest_failures_and_elf64_has_no_live_header() {
     assert!(r.stdout().contains("cpu 1 (apic id"), "{}", r.stdout());
 }
 
-fn qemu_usable() -> bool {
-    let ok = std::process::Command::new("qemu-system-x86_64").arg("--version").output().is_ok();
-    if !ok {
-        assert!(
-            std::env::var("VKVM_REQUIRE_QEMU").as_deref() != Ok("1"),
-            "VKVM_REQUIRE_QEMU=1 but qemu-system-x86_64 is not installed"
-        );
-        eprintln!("skipping: qemu-system-x86_64 is not installed");
-    }
-    ok
-}
-
 #[test]
 fn same_multiboot_guest_boots_under_qemu_pc_on_1_and_2_cpus() {
     if !qemu_usable() {

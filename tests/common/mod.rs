@@ -19,6 +19,28 @@ pub fn kvm_usable() -> bool {
     ok
 }
 
+/// Is QEMU installed? Without it, tests that cross-check with QEMU skip,
+/// unless VKVM_REQUIRE_QEMU=1 (CI installs it): then they fail.
+pub fn qemu_usable() -> bool {
+    let ok = Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !ok && std::env::var("VKVM_REQUIRE_QEMU").as_deref() == Ok("1") {
+        panic!("VKVM_REQUIRE_QEMU=1 but qemu-system-x86_64 is not installed");
+    }
+    if !ok {
+        eprintln!("skipping: qemu-system-x86_64 is not installed");
+    }
+    ok
+}
+
+#[macro_export]
+macro_rules! need_qemu {
+    () => {
+        if !$crate::common::qemu_usable() {
+            return;
+        }
+    };
+}
+
 #[macro_export]
 macro_rules! need_kvm {
     () => {
