@@ -230,6 +230,12 @@ fn profile_writes_json_svg_and_a_table() {
             && k["p99"].as_u64().unwrap() <= k["max"].as_u64().unwrap()
     );
     assert!(io_out["handle_ns"]["p50"].as_u64().unwrap() > 0);
+    // Fault stages come from the uffd handler (exit-storm touches fresh stack and data pages).
+    let stages = &j["fault_stages"];
+    for k in ["delivery", "lookup", "chain_walk", "pager_io", "copy_zero", "install", "wake"] {
+        assert!(stages.get(k).is_some(), "no fault stage {k}: {stages}");
+    }
+    assert!(stages["install"]["count"].as_u64().unwrap() > 0, "{stages}");
     let svg = std::fs::read_to_string(dir.path().join("profile.svg")).unwrap();
     assert!(svg.contains("<svg") && svg.contains("io_out KVM_RUN"), "svg lacks the series");
 }

@@ -8,6 +8,7 @@ use crate::object::{ObjGuard, Object, ObjectKind};
 use crate::page::{pf, Page, Queue};
 use crate::pager::{PageIo, Pager, PagerError};
 use crate::pmap::{remove_mappings, rmap_add};
+use crate::stages::{self, Stage};
 use crate::vm::{bump, Prot, Vm};
 use smallvec::SmallVec;
 use std::sync::atomic::Ordering;
@@ -234,7 +235,7 @@ pub fn fault(map: &Map, addr: u64, access: Prot, flags: FaultFlags) -> Result<Re
                 bump(&vm.stats.busy_waits);
                 o.wait_unbusy(p);
             }
-            Step::PageIn(req) => page_in(&mut fs, req)?,
+            Step::PageIn(req) => stages::timed(Stage::PagerIo, || page_in(&mut fs, req))?,
             Step::NoMemory => {
                 nomem += 1;
                 if nomem > NOMEM_TRIES {
@@ -277,7 +278,7 @@ fn fault_once(fs: &mut Fs, g: &MapInner, vaddr: u64, access: Prot) -> Step<Resol
             bump(&fs.vm.stats.retries);
         }
     }
-    let Some(e) = g.lookup(vaddr) else {
+    let Some(e) = stages::timed(Stage::Lookup, || g.lookup(vaddr)) else {
         return Step::Err(FaultError::NotMapped);
     };
     fs.wired = e.wired_count > 0;
@@ -310,7 +311,9 @@ fn fault_once(fs: &mut Fs, g: &MapInner, vaddr: u64, access: Prot) -> Step<Resol
             other => return other.cast(),
         }
     }
-    let found = match resolve(fs, e, &first, first_pindex, fault_type, first_prot, g.timestamp) {
+    let found = match stages::timed(Stage::ChainWalk, || {
+        resolve(fs, e, &first, first_pindex, fault_type, first_prot, g.timestamp)
+    }) {
         Step::Ok(f) => f,
         other => return other.cast(),
     };
@@ -342,7 +345,7 @@ fn fault_once(fs: &mut Fs, g: &MapInner, vaddr: u64, access: Prot) -> Step<Resol
     page.queue = if page.wire_count > 0 || page.has(pf::FICTITIOUS) { Queue::None } else { Queue::Active };
     rmap_add(page, fs.map.pmap_id, vaddr);
     let frame = page.frame;
-    fs.map.pmap.enter(vaddr, frame, prot, fs.wired);
+    stages::timed(Stage::Install, || fs.map.pmap.enter(vaddr, frame, prot, fs.wired));
     if unswap {
         if let Some(p) = &pager {
             // The backing copy is stale now: free its slot (under the lock,
@@ -571,7 +574,7 @@ pub(crate) fn resolve(
     let Some(fr) = vm.pool.alloc(fo.pref_frame(fp)) else {
         return Step::NoMemory;
     };
-    if vm.pool.copy(src, fr).is_err() {
+    if stages::timed(Stage::CopyZero, || vm.pool.copy(src, fr)).is_err() {
         vm.pool.free(fr, true);
         return Step::Err(FaultError::Failure);
     }
@@ -814,7 +817,7 @@ fn prefault(fs: &Fs, e: &MapEntry, vaddr: u64, out: &mut Vec<(u64, Frame, Prot)>
                         pg.queue = Queue::Inactive;
                     }
                     rmap_add(pg, fs.map.pmap_id, a);
-                    fs.map.pmap.enter(a, pg.frame, prot, false);
+                    stages::timed(Stage::Install, || fs.map.pmap.enter(a, pg.frame, prot, false));
                     out.push((a, pg.frame, prot));
                     bump(&fs.vm.stats.prefault);
                     break;

@@ -33,6 +33,7 @@ pub mod page;
 pub mod pageout;
 pub mod pager;
 pub mod pmap;
+pub mod stages;
 pub mod vm;
 pub mod vpagetable;
 pub mod vpte;

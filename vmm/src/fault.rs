@@ -12,6 +12,7 @@ use pager::{FaultFlags, Prot};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 const PS: u64 = 4096;
 /// Fault-around grows from MIN to MAX pages while faults stay sequential.
@@ -45,7 +46,10 @@ pub fn serve(
     busy_poll: bool,
     on_error: impl Fn(String),
     on_guest_fault: impl Fn(GuestFault) -> bool,
+    on_stages: Option<impl Fn(&[Duration; 7])>,
 ) {
+    // Stage timing inside the pager, for `vkvm profile`.
+    pager::stages::enable(on_stages.is_some());
     let Some(uffd) = ram.uffd.clone() else { return };
     let mut events = [Event::Other(0); 16];
     let mut last_gpa = u64::MAX;
@@ -56,6 +60,7 @@ pub fn serve(
             // SAFETY: polling one descriptor we own.
             unsafe { libc::poll(&mut pfd, 1, 100) };
         }
+        let woke = Instant::now();
         let n = match uffd.read_events(&mut events) {
             Ok(n) => n,
             Err(e) => {
@@ -70,6 +75,7 @@ pub fn serve(
         for &ev in &events[..n] {
             let Event::PageFault { addr, write, wp, tid, .. } = ev else { continue };
             stats.events.fetch_add(1, Ordering::Relaxed);
+            let delivery = woke.elapsed();
             let Some(gpa) = ram.view.gpa_of(addr) else {
                 let _ = uffd.wake(addr, PS);
                 continue;
@@ -134,7 +140,12 @@ pub fn serve(
                 last_gpa = a - PS;
             }
             // In case nothing was installed (e.g. the PTE was already there).
+            let t_wake = Instant::now();
             let _ = uffd.wake(addr, PS);
+            if let Some(record) = &on_stages {
+                let s = pager::stages::take();
+                record(&[delivery, s[0], s[1], s[2], s[3], s[4], t_wake.elapsed()]);
+            }
         }
     }
 }

@@ -41,9 +41,14 @@ impl Recorder {
     }
 }
 
+/// Fault stages, in the order a uffd-delivered fault goes through them.
+pub const FAULT_STAGES: [&str; 7] = ["delivery", "lookup", "chain_walk", "pager_io", "copy_zero", "install", "wake"];
+
 /// Histograms of all vCPUs; each vCPU locks only its own (uncontended).
+/// Fault stages are recorded by the fault-delivery thread (one lock per event).
 pub struct Profile {
     pub vcpus: Vec<Mutex<Recorder>>,
+    pub stages: Mutex<Vec<Histogram<u64>>>,
 }
 
 /// Percentile summary of one histogram, in ns.
@@ -65,7 +70,50 @@ pub struct ReasonStats {
 
 impl Profile {
     pub fn new(vcpus: u32) -> Self {
-        Profile { vcpus: (0..vcpus).map(|_| Mutex::new(Recorder::default())).collect() }
+        Profile {
+            vcpus: (0..vcpus).map(|_| Mutex::new(Recorder::default())).collect(),
+            stages: Mutex::new(FAULT_STAGES.iter().map(|_| histogram()).collect()),
+        }
+    }
+
+    /// One fault's (or one uffd event's) time per stage; stages it did not
+    /// go through (zero) are not recorded, so counts say how often each ran.
+    pub fn record_stages(&self, t: &[Duration; 7]) {
+        let mut h = self.stages.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, d) in t.iter().enumerate() {
+            if !d.is_zero() {
+                h[i].saturating_record(ns(*d));
+            }
+        }
+    }
+
+    pub fn stages_json(&self) -> Value {
+        let h = self.stages.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = Map::new();
+        for (i, name) in FAULT_STAGES.iter().enumerate() {
+            m.insert((*name).into(), json!({ "count": h[i].len(), "ns": summary(&h[i]) }));
+        }
+        Value::Object(m)
+    }
+
+    /// The fault-stage table `vkvm profile` prints.
+    pub fn stages_table(&self) -> String {
+        let h = self.stages.lock().unwrap_or_else(|e| e.into_inner());
+        let mut t = format!("{:<14} {:>9}  {:>38}\n", "fault stage", "count", "p50/p90/p99/max (us)");
+        for (i, name) in FAULT_STAGES.iter().enumerate() {
+            let us = |v: u64| v as f64 / 1000.0;
+            let x = &h[i];
+            t += &format!(
+                "{:<14} {:>9}  {:>8.2} {:>8.2} {:>8.2} {:>9.2}\n",
+                name,
+                x.len(),
+                us(x.value_at_quantile(0.5)),
+                us(x.value_at_quantile(0.9)),
+                us(x.value_at_quantile(0.99)),
+                us(x.max())
+            );
+        }
+        t
     }
 
     /// Per-reason histograms merged over the vCPUs, reasons with exits only.
@@ -148,7 +196,7 @@ pub fn write_svg(path: &std::path::Path, series: &[(String, &Histogram<u64>)]) -
     let root = SVGBackend::new(path, (1100, 650)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("vkvm exit latency histograms", ("sans-serif", 22))
+        .caption("vkvm exit and fault-stage latency histograms", ("sans-serif", 22))
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(60)
@@ -157,7 +205,7 @@ pub fn write_svg(path: &std::path::Path, series: &[(String, &Histogram<u64>)]) -
     chart
         .configure_mesh()
         .x_desc("latency (us, log scale)")
-        .y_desc("share of exits per bucket")
+        .y_desc("share of samples per bucket (each series sums to 1)")
         .draw()
         .map_err(|e| e.to_string())?;
     for (i, (name, pts)) in all.into_iter().enumerate() {
@@ -194,6 +242,7 @@ pub fn command(args: &mut crate::cli::RunArgs, out: &std::path::Path) -> Result<
         "workload": args.cmdline,
         "exit_status": done.status(),
         "exits": profile.to_json(),
+        "fault_stages": profile.stages_json(),
         "tests": *done.shared.tests.lock().unwrap_or_else(|e| e.into_inner()),
     });
     let path = out.join("profile.json");
@@ -205,9 +254,16 @@ pub fn command(args: &mut crate::cli::RunArgs, out: &std::path::Path) -> Result<
         series.push((format!("{} KVM_RUN", s.reason.name()), &s.kvm_run));
         series.push((format!("{} handling", s.reason.name()), &s.handle));
     }
+    let stages = profile.stages.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for (i, name) in FAULT_STAGES.iter().enumerate() {
+        if !stages[i].is_empty() {
+            series.push((format!("fault {name}"), &stages[i]));
+        }
+    }
     let svg = out.join("profile.svg");
     write_svg(&svg, &series).map_err(|e| Error::Crash(format!("cannot draw {}: {e}", svg.display())))?;
     print!("{}", profile.table());
+    print!("{}", profile.stages_table());
     println!("wrote {} and {}", path.display(), svg.display());
     done.into_result()
 }

@@ -343,7 +343,13 @@ pub fn start_threads(
         std::thread::Builder::new()
             .name(format!("uffd-vm{}", shared.vm_id))
             .spawn(move || {
-                crate::fault::serve(r, d, stop, uffd_poll, |msg| s.finish(Outcome::Crash(msg)), |f| s.refuse(f))
+                let timing = s.profile.is_some();
+                let record = timing.then_some(|t: &[std::time::Duration; 7]| {
+                    if let Some(p) = &s.profile {
+                        p.record_stages(t)
+                    }
+                });
+                crate::fault::serve(r, d, stop, uffd_poll, |msg| s.finish(Outcome::Crash(msg)), |f| s.refuse(f), record)
             })
             .map_err(Error::io("cannot start the userfaultfd thread"))?;
     }
