@@ -99,6 +99,8 @@ fn dispatch(shared: &Shared, cpu: u32, b: &Block) -> (i64, Action) {
         nr::TSC_KHZ => (shared.tsc_khz as i64, Action::Continue),
         nr::NR_VCPUS => (shared.nr_vcpus as i64, Action::Continue),
         nr::PARK => (0, Action::Park),
+        nr::SETMAP => (crate::vpagetable::setmap(&shared.ram, a[0], a[1]), Action::Continue),
+        nr::INVAL => (crate::vpagetable::inval(&shared.ram, a[0], a[1], a[2]), Action::Continue),
         other => {
             warn!("vcpu {cpu}: unknown hypercall {other}");
             (-abi::ENOSYS, Action::Continue)

@@ -82,6 +82,10 @@ pub struct MemConfig {
     /// Resident page budget in bytes (`--phys-mem`); default: all of RAM.
     pub phys_mem: Option<u64>,
     pub swap: Option<PathBuf>,
+    /// `--vpt-region`s; none: the default window (`vpagetable::DEFAULT`)
+    /// if `default_vpt` (the bundled guest).
+    pub vpt: Vec<crate::vpagetable::VptSpec>,
+    pub default_vpt: bool,
 }
 
 pub struct GuestRam {
@@ -92,6 +96,8 @@ pub struct GuestRam {
     pub size: u64,
     /// `--map-file` regions, in command-line order.
     pub files: Vec<Region>,
+    /// VPAGETABLE windows over the RAM object; region index = position.
+    pub vpt: Vec<crate::vpagetable::Window>,
     _ram: pager::ObjHandle,
     _pageout: Option<pager::PageoutDaemon>,
 }
@@ -125,7 +131,10 @@ impl GuestRam {
         };
         let ram = vm.anonymous(pages);
         let files = open_files(&vm, cfg)?;
-        let window = files.iter().map(|(f, len, _)| f.gpa + len).fold(cfg.size, u64::max);
+        let spans: Vec<(u64, u64)> = files.iter().map(|(f, len, _)| (f.gpa, *len)).collect();
+        let vpt = crate::vpagetable::layout(&cfg.vpt, cfg.default_vpt, cfg.size, &spans)?;
+        let window =
+            spans.iter().map(|&(g, l)| g + l).chain(vpt.iter().map(|w| w.gpa + w.len)).fold(cfg.size, u64::max);
         let zvm = vm.clone();
         let view = View::new(
             window,
@@ -155,13 +164,21 @@ impl GuestRam {
             map.map_file(f.gpa, len, &obj, 0, mode).map_err(|e| crash(&what, &e))?;
             regions.push(Region { gpa: f.gpa, len, mode: f.mode, object: obj });
         }
+        // A window shows RAM frames wherever the guest's vptes point, so it
+        // has no frames laid out in place: every page is mapped on a fault.
+        for w in &vpt {
+            let what = format!("the VPAGETABLE window at {:#x}", w.gpa);
+            view.add_region(w.gpa, w.len, None).map_err(|e| crash(&what, &e))?;
+            map.map_vpagetable(w.gpa, w.len, ram.clone(), 0, w.levels).map_err(|e| crash(&what, &e))?;
+        }
+        let vpt = vpt.into_iter().map(crate::vpagetable::Window::new).collect();
         let pageout = if cfg.phys_mem.is_some() {
             Some(pager::PageoutDaemon::start(&vm).map_err(Error::io("cannot start the pageout daemon"))?)
         } else {
             None
         };
         info!("guest RAM: {} MiB, {:?} delivery, budget {} pages", cfg.size >> 20, cfg.delivery, budget);
-        Ok(GuestRam { vm, map, view, uffd, size: cfg.size, files: regions, _ram: ram, _pageout: pageout })
+        Ok(GuestRam { vm, map, view, uffd, size: cfg.size, files: regions, vpt, _ram: ram, _pageout: pageout })
     }
 
     /// Read guest memory through the pager (brings pages in, never zeros
@@ -220,11 +237,9 @@ impl GuestRam {
     pub fn guest_cmdline(&self) -> String {
         let v: Vec<String> =
             self.files.iter().map(|r| format!("{:#x}:{:#x}:{}", r.gpa, r.len, r.mode.name())).collect();
-        if v.is_empty() {
-            String::new()
-        } else {
-            format!("vkvm.files={}", v.join(","))
-        }
+        let files = if v.is_empty() { String::new() } else { format!("vkvm.files={}", v.join(",")) };
+        let vpt = crate::vpagetable::guest_cmdline(&self.vpt, self.size / 4096);
+        [files, vpt].join(" ").trim().to_string()
     }
 
     /// Bring every page of `[gpa, gpa + len)` in, writable.

@@ -19,11 +19,28 @@ pub struct Torture {
     pub cmdline: &'static str,
     /// vCPUs, if the test needs more than the user asked for.
     pub min_vcpus: u32,
+    /// Extra `vkvm run` options the test's VM needs.
+    pub vm_args: &'static [&'static str],
 }
 
 const fn t(name: &'static str, about: &'static str, cmdline: &'static str, min_vcpus: u32) -> Torture {
-    Torture { name, about, cmdline, min_vcpus }
+    Torture { name, about, cmdline, min_vcpus, vm_args: &[] }
 }
+
+/// A VPAGETABLE test; `vm_args` lays out its windows (default: vkvm's own).
+const fn vpt(name: &'static str, about: &'static str, min_vcpus: u32, vm_args: &'static [&'static str]) -> Torture {
+    Torture { name, about, cmdline: "", min_vcpus, vm_args }
+}
+
+/// Windows of 2, 3 and 4 levels for `vpt-levels` (region 2 is the 4-level one).
+const VPT_LEVELS: &[&str] = &[
+    "--vpt-region",
+    "0xC0000000,16M,levels=2",
+    "--vpt-region",
+    "0xC1000000,16M,levels=3",
+    "--vpt-region",
+    "0xC2000000,16M,levels=4",
+];
 
 #[rustfmt::skip]
 pub static SUITE: &[Torture] = &[
@@ -33,6 +50,14 @@ pub static SUITE: &[Torture] = &[
     t("write-verify", "address-derived patterns over all free guest memory, rewritten and re-read", "", 1),
     t("smp-storm", "2+ vCPUs write interleaved words of the same pages in seeded orders", "", 2),
     t("exit-storm", "PIO out, port read and hypercall loops", "storm-iters=5000", 1),
+    vpt("vpt-linear", "VPAGETABLE: large-page bit in the master and at levels 1-3 gives a linear map", 1, &[]),
+    vpt("vpt-levels", "VPAGETABLE: 2-, 3- and 4-level walks; an edit off the path changes nothing", 1, VPT_LEVELS),
+    vpt("vpt-alias", "VPAGETABLE: two window pages and RAM share one page", 1, &[]),
+    vpt("vpt-ro", "VPAGETABLE: a write through a read-only vpte at any level faults, writes nothing", 1, &[]),
+    vpt("vpt-invalid", "VPAGETABLE: V clear at any level (master too) faults; no A/M written", 1, &[]),
+    vpt("vpt-am", "VPAGETABLE: accessed/modified bits, M re-set after clear + inval", 1, &[]),
+    vpt("vpt-inval", "VPAGETABLE: one vCPU remaps + invals while another reads: nothing stale", 2, &[]),
+    vpt("vpt-bounds", "VPAGETABLE: a frame beyond guest RAM is a distinct fault (RSVD)", 1, &[]),
 ];
 
 pub fn list() -> String {
@@ -119,6 +144,7 @@ fn run_one(exe: &Path, run: &RunArgs, t: &Torture, seed: u64) -> Result<Outcome,
     }
     cmd.args(["--memory", &run.memory.to_string(), "--vcpus", &run.vcpus.max(t.min_vcpus).to_string()])
         .args(["--cmdline", cmdline.trim(), "--timeout", &run.timeout.unwrap_or(300.0).to_string()])
+        .args(t.vm_args)
         .arg("--kvm-device")
         .arg(&run.kvm_device)
         .arg("--stats-json")
