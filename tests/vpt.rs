@@ -113,6 +113,7 @@ fn no_stale_translation_survives_inval_with_two_vcpus() {
     let cpu = |n: u64| t.iter().find(|t| t["cpu"] == n).unwrap_or_else(|| panic!("no report of cpu {n}: {t:?}"));
     assert_eq!(cpu(0)["rounds"], 300);
     assert_eq!(cpu(0)["stale"], 0);
+    assert_eq!(cpu(0)["self_reads"], 300 / 8);
     assert_eq!(cpu(1)["stale"], 0);
     assert!(cpu(1)["reads"].as_u64().unwrap() > 0);
     assert!(cpu(1)["changes"].as_u64().unwrap() > 0, "the reader never saw a remap");

@@ -515,13 +515,20 @@ static INV_EPOCH: AtomicU64 = AtomicU64::new(0);
 static INV_DONE: AtomicU64 = AtomicU64::new(0);
 static INV_ACK: AtomicU64 = AtomicU64::new(0);
 static INV_VA: AtomicU64 = AtomicU64::new(0);
+/// The newest round the reader has seen (the writer waits a little for it,
+/// so that the reader's own faults race the next remap + inval).
+static INV_SEEN: AtomicU64 = AtomicU64::new(0);
+/// How long the writer waits for the reader each round, in TSC cycles.
+const INV_WAIT: u64 = 2_000_000;
 /// Backing pages the writer cycles through.
 const POOL: u64 = 64;
 
 /// `vpt-inval`: CPU 0 repeatedly writes round k into a fresh backing page,
 /// points window page 50 at it, calls inval and only then publishes k;
 /// CPU 1 reads the published round e, then the window: it must see a page
-/// of round >= e (a page of an older round is a stale translation).
+/// of round >= e (a page of an older round is a stale translation). CPU 0
+/// mostly waits for CPU 1 to fault the new page in, so CPU 1's faults race
+/// the edits and invals; every 8th round CPU 0 reads the window itself.
 pub fn inval_race(ctx: &Ctx) -> Outcome {
     let mut out = Outcome::new();
     let rounds = ctx.opt(b"vpt-rounds").and_then(crate::tests::parse_u64).unwrap_or(400).max(1);
@@ -549,10 +556,11 @@ fn inval_writer(ctx: &Ctx, rounds: u64, out: &mut Outcome) {
     }
     let Some(leaf) = t.find(i, s.r.levels).map(ent) else { return };
     INV_EPOCH.store(0, Ordering::Release);
+    INV_SEEN.store(0, Ordering::Release);
     INV_DONE.store(0, Ordering::Release);
     INV_VA.store(s.r.va(i), Ordering::Release);
     INV_READY.store(1, Ordering::Release);
-    let mut own_stale = 0;
+    let (mut own_stale, mut own_reads) = (0, 0);
     for k in 1..=rounds {
         let page = pool + (k % POOL) * PAGE;
         set_ram(page, k);
@@ -561,7 +569,17 @@ fn inval_writer(ctx: &Ctx, rounds: u64, out: &mut Outcome) {
             break;
         }
         INV_EPOCH.store(k, Ordering::Release);
+        if ctx.ncpus > 1 && k % 8 != 0 {
+            // Let the reader fault the new page in (its fault then races
+            // the next round's edit + inval).
+            let t0 = rdtsc();
+            while INV_SEEN.load(Ordering::Acquire) < k && rdtsc().wrapping_sub(t0) < INV_WAIT {
+                core::hint::spin_loop();
+            }
+            continue;
+        }
         // The writer's own read right after inval must see round k.
+        own_reads += 1;
         match read64(ctx.cpu, s.r.va(i)) {
             Ok(v) if v == k => {}
             Ok(v) => {
@@ -584,7 +602,7 @@ fn inval_writer(ctx: &Ctx, rounds: u64, out: &mut Outcome) {
     }
     INV_READY.store(0, Ordering::Release);
     INV_ACK.store(0, Ordering::Release);
-    out.count("rounds", rounds).count("stale", own_stale);
+    out.count("rounds", rounds).count("stale", own_stale).count("self_reads", own_reads);
 }
 
 fn inval_reader(_ctx: &Ctx, rounds: u64, out: &mut Outcome) {
@@ -607,6 +625,7 @@ fn inval_reader(_ctx: &Ctx, rounds: u64, out: &mut Outcome) {
             changes += 1;
         }
         newest = newest.max(v);
+        INV_SEEN.store(newest, Ordering::Release);
         if v < e || v > rounds {
             stale += 1;
             if out.pass {
