@@ -69,8 +69,10 @@ fn levels_test_without_its_windows_names_what_is_missing() {
 #[test]
 fn aliases_share_one_page_with_ram() {
     need_kvm!();
-    let (_, t) = vpt("vpt-alias", &[]);
+    let (r, t) = vpt("vpt-alias", &[]);
     assert_eq!(t[0]["aliases"], 3);
+    assert_eq!(t[0]["setmap_remaps"], 1);
+    assert_eq!(default_window(&r)["invals"], 0, "setmap alone must drop old translations");
 }
 
 #[test]

@@ -258,7 +258,8 @@ pub fn levels(ctx: &Ctx) -> Outcome {
     out
 }
 
-/// `vpt-alias`: window pages 10 and 11 both map backing page P.
+/// `vpt-alias`: window pages 10 and 11 both map backing page P; then a
+/// SETMAP to new tables (no INVAL) moves page 10 to another page.
 pub fn alias(ctx: &Ctx) -> Outcome {
     let mut out = Outcome::new();
     let Some(mut s) = setup(ctx, &mut out, 0) else { return out };
@@ -292,7 +293,17 @@ pub fn alias(ctx: &Ctx) -> Outcome {
     {
         return out;
     }
-    out.count("aliases", 3);
+    // SETMAP alone drops the window's translations: new tables send page 10
+    // to another page, with no INVAL.
+    let Some(t2) = s.tables(&mut out) else { return out };
+    let Some(q) = s.data(&mut out) else { return out };
+    if !s.map(&mut out, &t2, 10, q / PAGE, VPTE_V | VPTE_RW) || !s.setmap(&mut out, t2.master(VPTE_V | VPTE_RW)) {
+        return out;
+    }
+    if !expect(&mut out, cpu, "after setmap", s.r.va(10) + 24, tag(q + 24)) {
+        return out;
+    }
+    out.count("aliases", 3).count("setmap_remaps", 1);
     out
 }
 
