@@ -13,6 +13,8 @@ fn main() {
     for f in ["src", "Cargo.toml", "build.rs", "linker.ld", ".cargo/config.toml"] {
         println!("cargo:rerun-if-changed={}", guest.join(f).display());
     }
+    // The guest includes the vpte format from the pager (`#[path]`).
+    println!("cargo:rerun-if-changed={}", manifest.join("../pager/src/vpte.rs").display());
     let elf = build_freestanding(&guest, &out.join("guest-target"), "vkvm-guest");
     let dst = out.join("vkvm-guest.elf");
     std::fs::copy(&elf, &dst).expect("copy guest ELF");

@@ -15,6 +15,8 @@ mod mem;
 mod platform;
 mod run;
 mod tests;
+mod vpt;
+mod vpt_tests;
 
 /// Test names and descriptions, printed by `tests=list`.
 pub use tests::ALL as TESTS;

@@ -5,6 +5,7 @@ use crate::abi::{self, TestReport};
 use crate::arch;
 use crate::fmt::Line;
 use crate::platform::{self, console_write, hypercall, rdtsc};
+use crate::vpt_tests;
 use core::arch::asm;
 use core::sync::atomic::Ordering;
 
@@ -38,6 +39,14 @@ pub static ALL: &[Test] = &[
     t("crash", "ring-3 access to an unmapped address: the kernel reports a crash", false, crash),
     t("triple-fault", "wreck the IDT and fault: the VM shuts down", false, triple_fault),
     t("hang", "never finish (for --timeout)", false, hang),
+    t("vpt-linear", "VPAGETABLE: PS in the master / at levels 1-3 maps the window linearly", false, vpt_tests::linear),
+    t("vpt-levels", "VPAGETABLE: 2-, 3- and 4-level walks; off-path edits change nothing", false, vpt_tests::levels),
+    t("vpt-alias", "VPAGETABLE: two window pages and RAM share one page", false, vpt_tests::alias),
+    t("vpt-ro", "VPAGETABLE: write through RW clear at any level faults, writes nothing, no M", false, vpt_tests::ro),
+    t("vpt-invalid", "VPAGETABLE: V clear at any level (master too) faults without RSVD", false, vpt_tests::invalid),
+    t("vpt-am", "VPAGETABLE: A/M bits; M re-set after the guest clears it and invals", false, vpt_tests::am),
+    t("vpt-inval", "VPAGETABLE: cpu 0 remaps + invals while cpu 1 reads: nothing stale", true, vpt_tests::inval_race),
+    t("vpt-bounds", "VPAGETABLE: a frame beyond guest RAM faults with RSVD in the error code", false, vpt_tests::bounds),
 ];
 
 pub fn find(name: &[u8]) -> Option<&'static Test> {
@@ -52,17 +61,17 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Outcome { pass: true, counters: [("", 0); abi::MAX_COUNTERS], n: 0, detail: Line::new() }
     }
-    fn count(&mut self, k: &'static str, v: u64) -> &mut Self {
+    pub(crate) fn count(&mut self, k: &'static str, v: u64) -> &mut Self {
         if self.n < abi::MAX_COUNTERS {
             self.counters[self.n] = (k, v);
             self.n += 1;
         }
         self
     }
-    fn fail(&mut self) -> &mut Line {
+    pub(crate) fn fail(&mut self) -> &mut Line {
         self.pass = false;
         &mut self.detail
     }
@@ -118,7 +127,7 @@ impl Ctx {
     }
 }
 
-fn parse_u64(s: &[u8]) -> Option<u64> {
+pub(crate) fn parse_u64(s: &[u8]) -> Option<u64> {
     let (digits, radix) = match s {
         [b'0', b'x', rest @ ..] => (rest, 16),
         _ => (s, 10),
@@ -254,9 +263,9 @@ fn smp_storm(ctx: &Ctx) -> Outcome {
     let n = (end - start) / 4096;
     let rounds = ctx.opt(b"storm-rounds").and_then(parse_u64).unwrap_or(3);
     let word = |page: u64| start + page * 4096 + 8 * ctx.cpu as u64;
-    let value = |page: u64, round: u64| pattern(word(page), ctx.seed ^ (ctx.cpu as u64) << 48 ^ round);
+    let value = |page: u64, round: u64| pattern(word(page), ctx.seed ^ ((ctx.cpu as u64) << 48) ^ round);
     for round in 0..rounds {
-        let mut step = (splitmix64(ctx.seed ^ round ^ (ctx.cpu as u64) << 32) % n.max(1)) | 1;
+        let mut step = (splitmix64(ctx.seed ^ round ^ ((ctx.cpu as u64) << 32)) % n.max(1)) | 1;
         while gcd(step, n) != 1 {
             step += 2;
         }
@@ -663,7 +672,7 @@ fn clone_vm(ctx: &Ctx, out: &mut Outcome) -> Option<u64> {
 fn cow_clone(ctx: &Ctx) -> Outcome {
     let mut out = Outcome::new();
     let (start, end) = clone_region(ctx);
-    let mid = start + ((end - start) / 2 & !0xfff);
+    let mid = start + (((end - start) / 2) & !0xfff);
     for a in (start..end).step_by(8) {
         // SAFETY: arena memory reserved for tests.
         unsafe { (a as *mut u64).write_volatile(pattern(a, ctx.seed)) };

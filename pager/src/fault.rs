@@ -345,6 +345,9 @@ fn fault_once(fs: &mut Fs, g: &MapInner, vaddr: u64, access: Prot) -> Step<Resol
     page.queue = if page.wire_count > 0 || page.has(pf::FICTITIOUS) { Queue::None } else { Queue::Active };
     rmap_add(page, fs.map.pmap_id, vaddr);
     let frame = page.frame;
+    // A/M before the enter: the guest may run (and read its vptes) as soon
+    // as the page is in.
+    let changed = walk.as_ref().map_or(0, |w| crate::vpagetable::set_accessed(fs.vm, w, fault_type));
     stages::timed(Stage::Install, || fs.map.pmap.enter(vaddr, frame, prot, fs.wired));
     if unswap {
         if let Some(p) = &pager {
@@ -356,7 +359,7 @@ fn fault_once(fs: &mut Fs, g: &MapInner, vaddr: u64, access: Prot) -> Step<Resol
     let held = if fs.flags.has(FaultFlags::HOLD) { Held::new(&mut og, &obj, pindex) } else { None };
     drop(og);
     if let Some(w) = walk {
-        crate::vpagetable::set_accessed(fs.vm, &w, fault_type);
+        crate::vpagetable::dirty_tables(&w, changed);
     }
     let stats = &fs.vm.stats;
     bump(match kind {

@@ -109,15 +109,17 @@ pub(crate) fn walk(
     Step::Ok(Walk { pindex, prot, path })
 }
 
-/// After a successful fault: A on every in-memory entry of the path, M|A on
-/// a write; never on an entry whose V is clear (compare-and-swap against
-/// concurrent guest edits). Changed table pages become dirty.
-pub(crate) fn set_accessed(vm: &Vm, w: &Walk, fault_type: Prot) {
-    for ent in &w.path {
+/// After a successful fault, before its page is entered (the vCPU may run
+/// the moment it is): A on every in-memory entry of the path, M|A on a
+/// write; never on an entry whose V is clear (compare-and-swap against
+/// concurrent guest edits). Takes no object lock (the caller may hold the
+/// data page's); returns which path entries changed, for `dirty_tables`.
+pub(crate) fn set_accessed(vm: &Vm, w: &Walk, fault_type: Prot) -> u32 {
+    let mut changed = 0;
+    for (i, ent) in w.path.iter().enumerate() {
         let Ok(word) = vm.pool.atomic_u64(ent.frame, ent.idx * 8) else {
             continue;
         };
-        let mut changed = false;
         let mut cur = word.load(Ordering::Acquire);
         loop {
             if cur & VPTE_V == 0 {
@@ -132,24 +134,33 @@ pub(crate) fn set_accessed(vm: &Vm, w: &Walk, fault_type: Prot) {
             }
             match word.compare_exchange(cur, n, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
-                    changed = true;
+                    changed |= 1 << i;
                     break;
                 }
                 Err(v) => cur = v,
             }
         }
-        if changed {
-            let mut g = ent.obj.lock();
-            let pager = g.pager.clone();
-            if let Some(p) = g.pages.get_mut(&ent.pindex) {
-                if !p.has(pf::DIRTY) {
-                    p.set(pf::DIRTY);
-                    if let Some(pg) = pager {
-                        pg.page_unswapped(ent.obj.id(), ent.pindex);
-                    }
+    }
+    changed
+}
+
+/// Table pages whose entries `set_accessed` changed become dirty (their
+/// backing copy is stale). Called with no object lock held.
+pub(crate) fn dirty_tables(w: &Walk, changed: u32) {
+    for (i, ent) in w.path.iter().enumerate() {
+        if changed & (1 << i) == 0 {
+            continue;
+        }
+        let mut g = ent.obj.lock();
+        let pager = g.pager.clone();
+        if let Some(p) = g.pages.get_mut(&ent.pindex) {
+            if !p.has(pf::DIRTY) {
+                p.set(pf::DIRTY);
+                if let Some(pg) = pager {
+                    pg.page_unswapped(ent.obj.id(), ent.pindex);
                 }
-                p.clear(pf::ZERO);
             }
+            p.clear(pf::ZERO);
         }
     }
 }

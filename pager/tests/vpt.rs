@@ -300,3 +300,50 @@ fn vpt_walk_under_pageout_and_inval() {
     assert!(vm.stats().snapshot().pages_out > 0);
     assert!(vm.pool().resident() <= 48);
 }
+
+/// A pmap that, when a window page is entered, reads the leaf vpte of it:
+/// the guest may run the moment its page is in, so A/M must be there by then.
+struct LeafAtEnter {
+    vm: Arc<Vm>,
+    leaf: parking_lot::Mutex<Option<(Frame, usize)>>,
+    seen: parking_lot::Mutex<Vec<u64>>,
+}
+
+impl Pmap for LeafAtEnter {
+    fn enter(&self, addr: u64, _frame: Frame, _prot: Prot, _wired: bool) {
+        if addr < V {
+            return;
+        }
+        if let Some((f, idx)) = *self.leaf.lock() {
+            let v = self.vm.pool().atomic_u64(f, idx * 8).unwrap().load(std::sync::atomic::Ordering::Acquire);
+            self.seen.lock().push(v);
+        }
+    }
+    fn remove(&self, _: u64, _: u64) {}
+    fn protect(&self, _: u64, _: u64, _: Prot) {}
+    fn extract(&self, _: u64) -> Option<Frame> {
+        None
+    }
+}
+
+#[test]
+fn vpt_accessed_and_modified_are_set_before_the_page_is_entered() {
+    let vm = vm(4096);
+    let pmap = Arc::new(LeafAtEnter { vm: vm.clone(), leaf: Default::default(), seen: Default::default() });
+    let map = Map::new(&vm, pmap.clone());
+    let o = vm.anonymous(OBJ_PAGES);
+    map.map_object(R, OBJ_PAGES * PS, o.clone(), 0, Prot::RW, Prot::ALL, Inherit::Share, false).unwrap();
+    map.map_vpagetable(V, 64 * PS, o, 0, 1).unwrap();
+    // One level: the master points at table page 1, whose entry 3 maps page 300.
+    write_guest(&map, R + PS + 3 * 8, &vpte_make(300, VPTE_V | VPTE_RW).to_le_bytes()).unwrap();
+    write_guest(&map, R + 300 * PS, &marker(300).to_le_bytes()).unwrap();
+    let (_, _, table) = map.resident_page(R + PS).unwrap();
+    *pmap.leaf.lock() = Some((table, 3));
+    map.setmap(V, vpte_make(1, VPTE_V | VPTE_RW)).unwrap();
+    fault(&map, V + 3 * PS, Prot::READ, FaultFlags::NONE).unwrap();
+    fault(&map, V + 3 * PS, Prot::WRITE, FaultFlags::NONE).unwrap();
+    let seen = pmap.seen.lock().clone();
+    assert_eq!(seen.len(), 2, "{seen:x?}");
+    assert_eq!(seen[0] & (VPTE_A | VPTE_M), VPTE_A, "read: A before the enter, no M: {seen:x?}");
+    assert_eq!(seen[1] & (VPTE_A | VPTE_M), VPTE_A | VPTE_M, "write: M|A before the enter: {seen:x?}");
+}

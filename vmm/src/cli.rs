@@ -157,6 +157,11 @@ pub struct RunArgs {
     /// PATH@GPA[,size=LEN][,ro|shared|private] (default ro). Repeatable.
     #[arg(long = "map-file", value_name = "PATH@GPA[,OPTS]", value_parser = crate::memory::parse_map_file)]
     pub map_files: Vec<crate::memory::FileMap>,
+    /// A VPAGETABLE window over guest RAM: GPA,SIZE[,levels=N] (levels 1-4,
+    /// default 4). Repeatable; region index = order given. Without it vkvm
+    /// gives the bundled guest one 64 MiB 4-level window at 0xC0000000.
+    #[arg(long = "vpt-region", value_name = "GPA,SIZE[,levels=N]", value_parser = crate::vpagetable::parse_vpt_region)]
+    pub vpt_regions: Vec<crate::vpagetable::VptSpec>,
     /// Swap file (created; default: an unlinked temporary file).
     #[arg(long, value_name = "PATH")]
     pub swap: Option<PathBuf>,

@@ -20,6 +20,7 @@ mod torture;
 mod uffd;
 mod vcpu;
 mod vm;
+mod vpagetable;
 
 use clap::Parser;
 use error::Error;

@@ -85,6 +85,10 @@ pub struct MemConfig {
     pub swap_size: Option<u64>,
     /// Test only: failures injected into swap I/O.
     pub swap_fault: Option<crate::cli::SwapFault>,
+    /// `--vpt-region`s; none: the default window (`vpagetable::DEFAULT`)
+    /// if `default_vpt` (the bundled guest).
+    pub vpt: Vec<crate::vpagetable::VptSpec>,
+    pub default_vpt: bool,
 }
 
 pub struct GuestRam {
@@ -95,6 +99,8 @@ pub struct GuestRam {
     pub size: u64,
     /// `--map-file` regions, in command-line order.
     pub files: Vec<Region>,
+    /// VPAGETABLE windows over the RAM object; region index = position.
+    pub vpt: Vec<crate::vpagetable::Window>,
     ram_object: pager::ObjHandle,
     _pageout: Option<pager::PageoutDaemon>,
 }
@@ -155,7 +161,10 @@ impl GuestRam {
         };
         let ram = vm.anonymous(pages);
         let files = open_files(&vm, cfg)?;
-        let window = files.iter().map(|(f, len, _)| f.gpa + len).fold(cfg.size, u64::max);
+        let spans: Vec<(u64, u64)> = files.iter().map(|(f, len, _)| (f.gpa, *len)).collect();
+        let vpt = crate::vpagetable::layout(&cfg.vpt, cfg.default_vpt, cfg.size, &spans)?;
+        let window =
+            spans.iter().map(|&(g, l)| g + l).chain(vpt.iter().map(|w| w.gpa + w.len)).fold(cfg.size, u64::max);
         let zvm = vm.clone();
         let view = View::new(
             window,
@@ -185,13 +194,21 @@ impl GuestRam {
             map.map_file(f.gpa, len, &obj, 0, mode).map_err(|e| crash(&what, &e))?;
             regions.push(Region { gpa: f.gpa, len, mode: f.mode, object: obj });
         }
+        // A window shows RAM frames wherever the guest's vptes point, so it
+        // has no frames laid out in place: every page is mapped on a fault.
+        for w in &vpt {
+            let what = format!("the VPAGETABLE window at {:#x}", w.gpa);
+            view.add_region(w.gpa, w.len, None).map_err(|e| crash(&what, &e))?;
+            map.map_vpagetable(w.gpa, w.len, ram.clone(), 0, w.levels).map_err(|e| crash(&what, &e))?;
+        }
+        let vpt = vpt.into_iter().map(crate::vpagetable::Window::new).collect();
         let pageout = if cfg.phys_mem.is_some() {
             Some(pager::PageoutDaemon::start(&vm).map_err(Error::io("cannot start the pageout daemon"))?)
         } else {
             None
         };
         info!("guest RAM: {} MiB, {:?} delivery, budget {} pages", cfg.size >> 20, cfg.delivery, budget);
-        Ok(GuestRam { vm, map, view, uffd, size: cfg.size, files: regions, ram_object: ram, _pageout: pageout })
+        Ok(GuestRam { vm, map, view, uffd, size: cfg.size, files: regions, vpt, ram_object: ram, _pageout: pageout })
     }
 
     /// A copy-on-write clone of this guest memory for a VM clone: a new view
@@ -220,6 +237,10 @@ impl GuestRam {
         for r in &self.files {
             view.add_region(r.gpa, r.len, r.object.preferred_frames().map(|(b, _)| b)).map_err(|e| crash(&e))?;
         }
+        // VPAGETABLE windows show RAM frames, remapped page by page.
+        for w in &self.vpt {
+            view.add_region(w.spec.gpa, w.spec.len, None).map_err(|e| crash(&e))?;
+        }
         let view = Arc::new(view);
         // The caller runs the parent's write-protection (`view.run_deferred`)
         // once the clone is started, before the parent runs again.
@@ -236,6 +257,7 @@ impl GuestRam {
             uffd,
             size: self.size,
             files: self.files.clone(),
+            vpt: self.vpt.iter().map(|w| crate::vpagetable::Window::new(w.spec)).collect(),
             ram_object: self.ram_object.clone(),
             _pageout: None,
         })
@@ -311,11 +333,9 @@ impl GuestRam {
     pub fn guest_cmdline(&self) -> String {
         let v: Vec<String> =
             self.files.iter().map(|r| format!("{:#x}:{:#x}:{}", r.gpa, r.len, r.mode.name())).collect();
-        if v.is_empty() {
-            String::new()
-        } else {
-            format!("vkvm.files={}", v.join(","))
-        }
+        let files = if v.is_empty() { String::new() } else { format!("vkvm.files={}", v.join(",")) };
+        let vpt = crate::vpagetable::guest_cmdline(&self.vpt, self.size / 4096);
+        [files, vpt].join(" ").trim().to_string()
     }
 
     /// Bring every page of `[gpa, gpa + len)` in, writable.

@@ -28,10 +28,25 @@ const fn t(name: &'static str, about: &'static str, cmdline: &'static str, min_v
     Torture { name, about, cmdline, min_vcpus, run_args: &[] }
 }
 
+/// A VPAGETABLE test; `run_args` lays out its windows (default: vkvm's own).
+const fn vpt(name: &'static str, about: &'static str, min_vcpus: u32, run_args: &'static [&'static str]) -> Torture {
+    Torture { name, about, cmdline: "", min_vcpus, run_args }
+}
+
 const fn with(mut t: Torture, run_args: &'static [&'static str]) -> Torture {
     t.run_args = run_args;
     t
 }
+
+/// Windows of 2, 3 and 4 levels for `vpt-levels` (region 2 is the 4-level one).
+const VPT_LEVELS: &[&str] = &[
+    "--vpt-region",
+    "0xC0000000,16M,levels=2",
+    "--vpt-region",
+    "0xC1000000,16M,levels=3",
+    "--vpt-region",
+    "0xC2000000,16M,levels=4",
+];
 
 #[rustfmt::skip]
 pub static SUITE: &[Torture] = &[
@@ -45,10 +60,18 @@ pub static SUITE: &[Torture] = &[
          &["--phys-mem", "{mem/4}"]),
     with(t("cow-clone", "clone the VM twice; each writes its own data and sees only it", "", 1), &["--clones", "2"]),
     with(t("file-map", "a file mapped read-only, shared and private: hashes, writes, refused write", "", 1),
-         &["--map-file", "{file}@0xc0000000,ro", "--map-file", "{file}.shared@0xc0200000,shared",
-           "--map-file", "{file}.private@0xc0400000,private"]),
+         &["--map-file", "{file}@0xd0000000,ro", "--map-file", "{file}.shared@0xd0200000,shared",
+           "--map-file", "{file}.private@0xd0400000,private"]),
     with(t("kernel-touch", "ring 0 touches fresh pages at boot; delivered as KVM exits", "", 1),
          &["--fault-delivery", "exit"]),
+    vpt("vpt-linear", "VPAGETABLE: large-page bit in the master and at levels 1-3 gives a linear map", 1, &[]),
+    vpt("vpt-levels", "VPAGETABLE: 2-, 3- and 4-level walks; an edit off the path changes nothing", 1, VPT_LEVELS),
+    vpt("vpt-alias", "VPAGETABLE: two window pages and RAM share one page", 1, &[]),
+    vpt("vpt-ro", "VPAGETABLE: a write through a read-only vpte at any level faults, writes nothing", 1, &[]),
+    vpt("vpt-invalid", "VPAGETABLE: V clear at any level (master too) faults; no A/M written", 1, &[]),
+    vpt("vpt-am", "VPAGETABLE: accessed/modified bits, M re-set after clear + inval", 1, &[]),
+    vpt("vpt-inval", "VPAGETABLE: one vCPU remaps + invals while another reads: nothing stale", 2, &[]),
+    vpt("vpt-bounds", "VPAGETABLE: a frame beyond guest RAM is a distinct fault (RSVD)", 1, &[]),
 ];
 
 pub fn list() -> String {

@@ -88,7 +88,7 @@ pub fn run(shared: Arc<Shared>, mut vcpu: VcpuFd, id: u32) {
                     f.gpa,
                     f.error
                 );
-                if let Err(e) = inject_page_fault(&vcpu, f.gpa, f.write) {
+                if let Err(e) = inject_page_fault(&vcpu, f.gpa, f.write, pf_bits(&shared, &f)) {
                     shared.finish(Outcome::Crash(format!("cannot inject a page fault into vcpu {id}: {e}")));
                     return;
                 }
@@ -240,18 +240,23 @@ fn guest_memory_exit(shared: &Shared, gpa: u64, data: &mut [u8], write: bool) ->
 fn inject_pending(shared: &Shared, vcpu: &VcpuFd, id: u32) -> Step {
     let Some(slot) = shared.vcpus.get(id as usize) else { return Step::Continue };
     let Some(f) = slot.pending.lock().unwrap_or_else(|e| e.into_inner()).take() else { return Step::Continue };
-    match inject_page_fault(vcpu, f.gpa, f.write) {
+    match inject_page_fault(vcpu, f.gpa, f.write, pf_bits(shared, &f)) {
         Ok(()) => Step::Continue,
         Err(e) => Step::Stop(Outcome::Crash(format!("cannot inject a page fault into vcpu {id}: {e}"))),
     }
+}
+
+/// Error-code bits beyond P|W|U for a refused access (see vpagetable.rs).
+fn pf_bits(shared: &Shared, f: &GuestFault) -> u32 {
+    crate::vpagetable::pf_error_bits(&shared.ram, f.gpa, f.error)
 }
 
 /// Raise #PF in the guest for an access to `gpa` the VM map refused. The
 /// guest sees the address in CR2 (guest-physical: vkvm does not know the
 /// virtual address; for an identity-mapped guest they are the same) and an
 /// error code with P=1 (a protection fault, not a missing page) and W, U set
-/// as the access was.
-pub fn inject_page_fault(vcpu: &VcpuFd, gpa: u64, write: bool) -> Result<(), kvm_ioctls::Error> {
+/// as the access was, plus `extra` (RSVD for a vpte frame out of bounds).
+pub fn inject_page_fault(vcpu: &VcpuFd, gpa: u64, write: bool, extra: u32) -> Result<(), kvm_ioctls::Error> {
     let mut sregs = vcpu.get_sregs()?;
     sregs.cr2 = gpa;
     let user = sregs.cs.dpl == 3;
@@ -260,7 +265,7 @@ pub fn inject_page_fault(vcpu: &VcpuFd, gpa: u64, write: bool) -> Result<(), kvm
     ev.exception.injected = 1;
     ev.exception.nr = 14;
     ev.exception.has_error_code = 1;
-    ev.exception.error_code = 1 | (u32::from(write) << 1) | (u32::from(user) << 2);
+    ev.exception.error_code = 1 | (u32::from(write) << 1) | (u32::from(user) << 2) | extra;
     vcpu.set_vcpu_events(&ev)
 }
 

@@ -246,6 +246,8 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
         swap: args.swap.clone(),
         swap_size: args.swap_size,
         swap_fault: args.inject_swap_fault,
+        vpt: args.vpt_regions.clone(),
+        default_vpt: args.guest.is_none(),
     })?);
     register_memory(&vm, &ram)?;
     create_irqchip(&vm)?;
@@ -364,7 +366,9 @@ pub fn start_threads(
 }
 
 pub fn register_memory(vm: &VmFd, ram: &GuestRam) -> Result<(), Error> {
-    let regions = std::iter::once((0, ram.size)).chain(ram.files.iter().map(|r| (r.gpa, r.len)));
+    let regions = std::iter::once((0, ram.size))
+        .chain(ram.files.iter().map(|r| (r.gpa, r.len)))
+        .chain(ram.vpt.iter().map(|w| (w.spec.gpa, w.spec.len)));
     for (slot, (gpa, len)) in regions.enumerate() {
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
@@ -481,6 +485,7 @@ fn write_stats(path: &Path, done: &Finished) -> Result<(), Error> {
         "faults": fault_stats(shared),
         "clones": shared.clones.as_ref().map(|c| c.stats_json()).unwrap_or_default(),
         "pageout": { "pages_out": pstats.pages_out, "pages_in": pstats.pages_in },
+        "vpt": crate::vpagetable::stats(&shared.ram.vpt),
         "memory": {
             "host_remaps": shared.ram.view.stats.remaps.load(Ordering::Relaxed),
             "host_map_errors": shared.ram.view.stats.map_errors.load(Ordering::Relaxed),
