@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 const PS: u64 = 4096;
 /// Fault-around grows from MIN to MAX pages while faults stay sequential.
 const AROUND_MIN: u64 = 64;
-const AROUND_MAX: u64 = 512;
+const AROUND_MAX: u64 = 2048;
 /// Pages resolved before their installs are flushed.
-const BATCH: u64 = 64;
+const BATCH: u64 = 256;
 
 /// A guest access the map refused, to be reported to the guest.
 #[derive(Clone, Copy, Debug)]
