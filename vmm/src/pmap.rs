@@ -198,6 +198,7 @@ impl View {
     pub fn end_batch(&self) {
         let Some(mut pages) = self.batch.lock().take() else { return };
         pages.sort_unstable();
+        pages.dedup();
         let mut slots = self.slots.lock();
         // Pages removed meanwhile are no longer pending.
         pages.retain(|&p| slots[p] & PENDING != 0);
