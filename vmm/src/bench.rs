@@ -135,7 +135,7 @@ fn vkvm_run(
         .arg(&stats)
         .output()
         .map_err(Error::io("cannot run vkvm"))?;
-    let v: Value = std::fs::read_to_string(&stats).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
+    let v: Value = crate::stats::read_json(&stats);
     let tests = v["tests"].as_array().cloned().unwrap_or_default();
     counter_of(&tests, counter).ok_or_else(|| {
         Error::Crash(format!(
@@ -185,8 +185,7 @@ fn clone_figures(exe: &Path, guest: &Path, runs: u32, sizes: &[u64], dir: &Path)
                 .arg(&stats)
                 .output()
                 .map_err(Error::io("cannot run vkvm"))?;
-            let v: Value =
-                std::fs::read_to_string(&stats).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
+            let v: Value = crate::stats::read_json(&stats);
             let c = &v["clones"][0];
             let (Some(r), Some(p)) = (c["clone_ms"].as_f64(), c["parent_pause_ms"].as_f64()) else {
                 return Err(Error::Crash(format!("bench: clone-bench ({mib} MiB) reported no clone time")));

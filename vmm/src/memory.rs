@@ -151,29 +151,19 @@ impl GuestRam {
                 .map_err(|e| Error::Config(format!("--swap {}: cannot create the swap file: {e}", p.display())))?;
         }
         let vm = Vm::new(pcfg).map_err(|e| Error::Crash(format!("cannot create the pager: {e}")))?;
-        let uffd = match cfg.delivery {
-            Delivery::Uffd => Some(Arc::new(Uffd::new(uffd_features()).map_err(|e| {
-                Error::Config(format!(
-                    "userfaultfd is not usable here ({e}); use --fault-delivery exit or run as root / set vm.unprivileged_userfaultfd=1"
-                ))
-            })?)),
-            Delivery::Exit => None,
-        };
+        let uffd = open_uffd(cfg.delivery).map_err(|e| {
+            Error::Config(format!(
+                "userfaultfd is not usable here ({e}); use --fault-delivery exit or run as root / set vm.unprivileged_userfaultfd=1"
+            ))
+        })?;
         let ram = vm.anonymous(pages);
         let files = open_files(&vm, cfg)?;
         let spans: Vec<(u64, u64)> = files.iter().map(|(f, len, _)| (f.gpa, *len)).collect();
         let vpt = crate::vpagetable::layout(&cfg.vpt, cfg.default_vpt, cfg.size, &spans)?;
         let window =
             spans.iter().map(|&(g, l)| g + l).chain(vpt.iter().map(|w| w.gpa + w.len)).fold(cfg.size, u64::max);
-        let zvm = vm.clone();
-        let view = View::new(
-            window,
-            vm.pool().fd(),
-            cfg.delivery,
-            uffd.clone(),
-            Box::new(move |f| zvm.pool().zero(f).is_ok()),
-        )
-        .map_err(|e| Error::Crash(format!("cannot reserve the guest-physical view: {e}")))?;
+        let view = view_over(&vm, window, cfg.delivery, uffd.clone())
+            .map_err(|e| Error::Crash(format!("cannot reserve the guest-physical view: {e}")))?;
         let view = Arc::new(view);
         let map = Map::new(&vm, view.clone());
         let crash = |what: &str, e: &dyn std::fmt::Display| Error::Crash(format!("cannot map {what}: {e}"));
@@ -211,35 +201,30 @@ impl GuestRam {
         Ok(GuestRam { vm, map, view, uffd, size: cfg.size, files: regions, vpt, ram_object: ram, _pageout: pageout })
     }
 
+    /// Every backed range of the guest-physical space, each with its own
+    /// memory slot: (gpa, len, the object's first preferred frame). RAM and
+    /// files are laid out in place; VPAGETABLE windows show RAM frames,
+    /// remapped page by page.
+    pub fn regions(&self) -> impl Iterator<Item = (u64, u64, Option<pager::Frame>)> + '_ {
+        let first = |o: &pager::ObjHandle| o.preferred_frames().map(|(b, _)| b);
+        std::iter::once((0, self.size, first(&self.ram_object)))
+            .chain(self.files.iter().map(move |r| (r.gpa, r.len, first(&r.object))))
+            .chain(self.vpt.iter().map(|w| (w.spec.gpa, w.spec.len, None)))
+    }
+
     /// A copy-on-write clone of this guest memory for a VM clone: a new view
     /// (and userfaultfd) over the same frame pool, and the pager map forked
     /// onto it (`vmspace_fork`: entries become copy-on-write and this view is
     /// write-protected). Costs O(map entries + present pages to write-protect),
     /// never a copy of guest memory.
     pub fn fork(&self) -> Result<GuestRam, Error> {
-        let uffd = match self.view.delivery() {
-            Delivery::Uffd => Some(Arc::new(
-                Uffd::new(uffd_features()).map_err(|e| Error::Crash(format!("userfaultfd for a clone: {e}")))?,
-            )),
-            Delivery::Exit => None,
-        };
-        let zvm = self.vm.clone();
-        let view = View::new(
-            self.view.window(),
-            self.vm.pool().fd(),
-            self.view.delivery(),
-            uffd.clone(),
-            Box::new(move |f| zvm.pool().zero(f).is_ok()),
-        )
-        .map_err(|e| Error::Crash(format!("cannot reserve a clone's view: {e}")))?;
+        let delivery = self.view.delivery();
+        let uffd = open_uffd(delivery).map_err(|e| Error::Crash(format!("userfaultfd for a clone: {e}")))?;
+        let view = view_over(&self.vm, self.view.window(), delivery, uffd.clone())
+            .map_err(|e| Error::Crash(format!("cannot reserve a clone's view: {e}")))?;
         let crash = |e: &dyn std::fmt::Display| Error::Crash(format!("cannot map a clone's memory: {e}"));
-        view.add_region(0, self.size, self.ram_object.preferred_frames().map(|(b, _)| b)).map_err(|e| crash(&e))?;
-        for r in &self.files {
-            view.add_region(r.gpa, r.len, r.object.preferred_frames().map(|(b, _)| b)).map_err(|e| crash(&e))?;
-        }
-        // VPAGETABLE windows show RAM frames, remapped page by page.
-        for w in &self.vpt {
-            view.add_region(w.spec.gpa, w.spec.len, None).map_err(|e| crash(&e))?;
+        for (gpa, len, first) in self.regions() {
+            view.add_region(gpa, len, first).map_err(|e| crash(&e))?;
         }
         let view = Arc::new(view);
         // The caller runs the parent's write-protection (`view.run_deferred`)
@@ -397,6 +382,20 @@ fn open_files(vm: &Arc<Vm>, cfg: &MemConfig) -> Result<Vec<(FileMap, u64, pager:
         out.push((f.clone(), len, obj));
     }
     Ok(out)
+}
+
+/// A userfaultfd for a view, when faults are delivered that way.
+fn open_uffd(delivery: Delivery) -> std::io::Result<Option<Arc<Uffd>>> {
+    match delivery {
+        Delivery::Uffd => Ok(Some(Arc::new(Uffd::new(uffd_features())?))),
+        Delivery::Exit => Ok(None),
+    }
+}
+
+/// An empty guest-physical view of `window` bytes over `vm`'s frame pool.
+fn view_over(vm: &Arc<Vm>, window: u64, delivery: Delivery, uffd: Option<Arc<Uffd>>) -> std::io::Result<View> {
+    let zvm = vm.clone();
+    View::new(window, vm.pool().fd(), delivery, uffd, Box::new(move |f| zvm.pool().zero(f).is_ok()))
 }
 
 pub fn uffd_features() -> u64 {

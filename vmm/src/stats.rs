@@ -61,3 +61,9 @@ impl TestResult {
         }
     }
 }
+
+/// A child `vkvm run`'s `--stats-json`, or Null if it wrote none (it
+/// crashed or was stopped before): callers then report what is missing.
+pub fn read_json(path: &std::path::Path) -> Value {
+    std::fs::read_to_string(path).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or(Value::Null)
+}

@@ -179,8 +179,7 @@ fn run_one(exe: &Path, run: &RunArgs, t: &Torture, seed: u64) -> Result<Outcome,
     let started = Instant::now();
     let out = cmd.output().map_err(Error::io("cannot start vkvm run"))?;
     let elapsed = started.elapsed();
-    let stats: Value =
-        std::fs::read_to_string(&stats_path).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or(Value::Null);
+    let stats: Value = crate::stats::read_json(&stats_path);
     let tests = stats["tests"].as_array().cloned().unwrap_or_default();
     let code = out.status.code().unwrap_or(3);
     let pass = code == 0 && !tests.is_empty() && tests.iter().all(|t| t["status"] == "pass");

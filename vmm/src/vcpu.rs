@@ -30,7 +30,7 @@ pub fn run(shared: Arc<Shared>, mut vcpu: VcpuFd, id: u32) {
             // EAGAIN: KVM returns it once when an AP leaves wait-for-SIPI.
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 shared.stats.exits.count(Reason::Interrupted);
-                (Reason::Interrupted, inject_pending(&shared, &vcpu, id))
+                (Reason::Interrupted, inject_pending(&shared, id))
             }
             Err(e) if e.errno() == libc::EFAULT && shared.ram.view.delivery() == Delivery::Exit => (
                 Reason::Other,
@@ -236,14 +236,11 @@ fn guest_memory_exit(shared: &Shared, gpa: u64, data: &mut [u8], write: bool) ->
     }
 }
 
-/// Deliver a refused access (set by the fault handler) as a #PF.
-fn inject_pending(shared: &Shared, vcpu: &VcpuFd, id: u32) -> Step {
-    let Some(slot) = shared.vcpus.get(id as usize) else { return Step::Continue };
-    let Some(f) = slot.pending.lock().unwrap_or_else(|e| e.into_inner()).take() else { return Step::Continue };
-    match inject_page_fault(vcpu, f.gpa, f.write, pf_bits(shared, &f)) {
-        Ok(()) => Step::Continue,
-        Err(e) => Step::Stop(Outcome::Crash(format!("cannot inject a page fault into vcpu {id}: {e}"))),
-    }
+/// A refused access the fault handler left for this vCPU, to be raised as #PF.
+fn inject_pending(shared: &Shared, id: u32) -> Step {
+    let pending =
+        shared.vcpus.get(id as usize).and_then(|s| s.pending.lock().unwrap_or_else(|e| e.into_inner()).take());
+    pending.map_or(Step::Continue, Step::Inject)
 }
 
 /// Error-code bits beyond P|W|U for a refused access (see vpagetable.rs).

@@ -366,10 +366,7 @@ pub fn start_threads(
 }
 
 pub fn register_memory(vm: &VmFd, ram: &GuestRam) -> Result<(), Error> {
-    let regions = std::iter::once((0, ram.size))
-        .chain(ram.files.iter().map(|r| (r.gpa, r.len)))
-        .chain(ram.vpt.iter().map(|w| (w.spec.gpa, w.spec.len)));
-    for (slot, (gpa, len)) in regions.enumerate() {
+    for (slot, (gpa, len, _)) in ram.regions().enumerate() {
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
             flags: 0,

@@ -121,7 +121,7 @@ pub fn load(plan: &Plan, ram: &GuestRam, image: &[u8], what: &str, cmdline: &str
         // Natively run guest code (ring 3 here) cannot fault by exit: the
         // image's own memory (stacks, .bss) must be present from the start.
         let phdrs = elf::parse(image).map(|e| e.phdrs).unwrap_or_default();
-        for s in phdrs.iter().filter(|p| p.kind == 1) {
+        for s in phdrs.iter().filter(|p| p.kind == elf::PT_LOAD) {
             ram.populate(s.paddr, s.memsz)
                 .map_err(|e| Error::Crash(format!("cannot populate the image at {:#x}: {e}", s.paddr)))?;
         }

@@ -53,31 +53,11 @@ pub fn check_elf(image: &[u8], what: &str, mem_size: u64) -> Result<(), Error> {
 
 /// Highest physical address any PT_LOAD segment reaches.
 fn elf_extent(image: &[u8]) -> Option<u64> {
-    elf_segments(image)?.iter().try_fold(0u64, |end, &(paddr, _, memsz)| Some(end.max(paddr.checked_add(memsz)?)))
-}
-
-/// (paddr, filesz, memsz) of every PT_LOAD segment.
-fn elf_segments(image: &[u8]) -> Option<Vec<(u64, u64, u64)>> {
-    let rd = |off: usize, n: usize| -> Option<u64> {
-        let b = image.get(off..off.checked_add(n)?)?;
-        let mut v = [0u8; 8];
-        v[..n].copy_from_slice(b);
-        Some(u64::from_le_bytes(v))
-    };
-    let phoff = rd(32, 8)? as usize;
-    let phentsize = rd(54, 2)? as usize;
-    let phnum = rd(56, 2)? as usize;
-    if phentsize < 56 {
-        return None;
-    }
-    let mut segs = Vec::new();
-    for i in 0..phnum {
-        let ph = phoff.checked_add(i.checked_mul(phentsize)?)?;
-        if rd(ph, 4)? == 1 {
-            segs.push((rd(ph + 24, 8)?, rd(ph + 32, 8)?, rd(ph + 40, 8)?));
-        }
-    }
-    Some(segs)
+    super::elf::parse(image)?
+        .phdrs
+        .iter()
+        .filter(|p| p.kind == super::elf::PT_LOAD)
+        .try_fold(0u64, |end, p| Some(end.max(p.paddr.checked_add(p.memsz)?)))
 }
 
 pub fn load_pvh(mem: &GuestMemoryMmap, image: &[u8], what: &str, cmdline: &str, mem_size: u64) -> Result<Entry, Error> {
