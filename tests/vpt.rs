@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 
-/// The three windows `vpt-levels` needs (region 2 has 4 levels).
+/// Explicit windows of 2, 3 and 4 levels (region 2 has 4 levels), instead of the defaults.
 const LEVELS: &[&str] = &[
     "--vpt-region",
     "0xC0000000,16M,levels=2",
@@ -28,13 +28,15 @@ fn vpt(test: &str, extra: &[&str]) -> (Run, Vec<serde_json::Value>) {
     (r, tests)
 }
 
-/// The default window: one, 4 levels, at 0xC0000000, 64 MiB.
+/// The default windows: 4 levels at 0xC0000000 (64 MiB, region 0, the one
+/// returned), then 2 and 3 levels (16 MiB each).
 fn default_window(r: &Run) -> &serde_json::Value {
     let w = &r.stats()["vpt"];
-    assert_eq!(w.as_array().map(Vec::len), Some(1), "{w}");
-    assert_eq!(w[0]["gpa"], 0xC000_0000u64);
-    assert_eq!(w[0]["len"], 64u64 << 20);
-    assert_eq!(w[0]["levels"], 4);
+    assert_eq!(w.as_array().map(Vec::len), Some(3), "{w}");
+    let spec = |i: usize| (w[i]["gpa"].as_u64(), w[i]["len"].as_u64(), w[i]["levels"].as_u64());
+    assert_eq!(spec(0), (Some(0xC000_0000), Some(64 << 20), Some(4)));
+    assert_eq!(spec(1), (Some(0xC400_0000), Some(16 << 20), Some(2)));
+    assert_eq!(spec(2), (Some(0xC500_0000), Some(16 << 20), Some(3)));
     &w[0]
 }
 
@@ -58,9 +60,19 @@ fn two_three_and_four_level_walks_ignore_off_path_edits() {
 }
 
 #[test]
+fn levels_test_finds_its_windows_in_the_default_layout() {
+    need_kvm!();
+    let (r, t) = vpt("vpt-levels", &[]);
+    assert_eq!(t[0]["walk_levels"], 3);
+    default_window(&r);
+    let w = r.stats()["vpt"].as_array().cloned().unwrap();
+    assert!(w.iter().all(|w| w["setmaps"] == 1 && w["invals"] == 2), "{w:?}");
+}
+
+#[test]
 fn levels_test_without_its_windows_names_what_is_missing() {
     need_kvm!();
-    let r = run(&["--cmdline", "tests=vpt-levels"]);
+    let r = run(&["--cmdline", "tests=vpt-levels", "--vpt-region", "0xC0000000,16M"]);
     assert_eq!(r.status(), 1);
     let t = &r.tests()[0];
     assert!(t["detail"].as_str().unwrap().contains("--vpt-region"), "{t}");
@@ -181,5 +193,6 @@ fn a_map_file_over_the_default_window_leaves_it_out() {
     let spec = format!("{}@0xC0000000", f.display());
     let r = run(&["--map-file", &spec]);
     assert_eq!(r.status(), 0, "{}", r.stderr());
-    assert_eq!(r.stats()["vpt"].as_array().map(Vec::len), Some(0));
+    let levels: Vec<u64> = r.stats()["vpt"].as_array().unwrap().iter().map(|w| w["levels"].as_u64().unwrap()).collect();
+    assert_eq!(levels, vec![2, 3], "only the window under the file is left out");
 }

@@ -525,26 +525,55 @@ fn fnv1a(start: u64, len: u64) -> u64 {
 
 /// Marker the file-map test writes at the start of writable regions.
 pub const FILE_MARK: &[u8] = b"vkvm wrote this\n";
+/// Each writable region `i` also writes `FILE_TAG | i` at `FILE_TAG_AT + 8 * i`,
+/// so that maps of one file can be told apart in it.
+pub const FILE_TAG: u64 = 0x6d61_7074_0000_0000;
+pub const FILE_TAG_AT: u64 = 64;
+const MAX_FILES: usize = 4;
 
-/// `vkvm.files=GPA:LEN:MODE,...` (added by vkvm for --map-file): report the
-/// FNV-1a of each region (as read before any write), then write the marker
-/// to shared and private regions, and check that a write to a read-only one
-/// faults at the right address and changes nothing.
+/// One `vkvm.files` entry: GPA:LEN:MODE[:FILE] (FILE = index of the first
+/// region over the same host file).
+#[derive(Clone, Copy)]
+struct FileRegion<'a> {
+    gpa: u64,
+    len: u64,
+    mode: &'a [u8],
+    file: u64,
+}
+
+fn file_regions<'a>(list: &'a [u8], out: &mut [Option<FileRegion<'a>>; MAX_FILES]) -> Option<usize> {
+    let mut n = 0;
+    for (i, r) in list.split(|&c| c == b',').enumerate().take(MAX_FILES) {
+        let mut f = r.split(|&c| c == b':');
+        let (gpa, len, mode) = (f.next().and_then(parse_u64)?, f.next().and_then(parse_u64)?, f.next()?);
+        let file = f.next().and_then(parse_u64).unwrap_or(i as u64);
+        out[i] = Some(FileRegion { gpa, len, mode, file });
+        n = i + 1;
+    }
+    Some(n)
+}
+
+/// `vkvm.files=GPA:LEN:MODE:FILE,...` (added by vkvm for --map-file): report
+/// the FNV-1a of each region (as read before any write), then write the
+/// marker and the region's tag to shared and private regions, and check that
+/// a write to a read-only one faults at the right address and changes
+/// nothing. Maps of one file must agree: a shared region's tag shows through
+/// every shared or read-only map of that file, a private region's through none.
 fn file_map(ctx: &Ctx) -> Outcome {
     let mut out = Outcome::new();
     let Some(list) = ctx.opt(b"vkvm.files") else {
         out.fail().s("no vkvm.files on the command line (run with --map-file)");
         return out;
     };
-    const NAMES: [&str; 4] = ["fnv0", "fnv1", "fnv2", "fnv3"];
+    let mut regions = [None; MAX_FILES];
+    let Some(n) = file_regions(list, &mut regions) else {
+        out.fail().s("malformed vkvm.files entry");
+        return out;
+    };
+    const NAMES: [&str; MAX_FILES] = ["fnv0", "fnv1", "fnv2", "fnv3"];
     let mut ro_faults = 0;
-    for (i, r) in list.split(|&c| c == b',').enumerate().take(NAMES.len()) {
-        let mut f = r.split(|&c| c == b':');
-        let (Some(gpa), Some(len), Some(mode)) = (f.next().and_then(parse_u64), f.next().and_then(parse_u64), f.next())
-        else {
-            out.fail().s("malformed vkvm.files entry");
-            return out;
-        };
+    for (i, r) in regions.iter().take(n).enumerate() {
+        let Some(FileRegion { gpa, len, mode, .. }) = *r else { continue };
         out.count(NAMES[i], fnv1a(gpa, len));
         if mode == b"ro" {
             // SAFETY: reading the first byte of the mapped region.
@@ -570,9 +599,35 @@ fn file_map(ctx: &Ctx) -> Outcome {
                 // SAFETY: writable mapped region.
                 unsafe { ((gpa + k as u64) as *mut u8).write_volatile(b) };
             }
+            // SAFETY: as above; the tags stay in the first page.
+            unsafe { ((gpa + FILE_TAG_AT + 8 * i as u64) as *mut u64).write_volatile(FILE_TAG | i as u64) };
         }
     }
-    out.count("ro_faults", ro_faults);
+    let mut coherent = 0;
+    for (i, a) in regions.iter().take(n).enumerate() {
+        let Some(a) = a.filter(|a| a.mode != b"ro") else { continue };
+        for (j, b) in regions.iter().take(n).enumerate() {
+            let Some(b) = b.filter(|b| b.file == a.file && j != i) else { continue };
+            // A shared write shows through shared and read-only maps of the
+            // file, a private one through none; what a private map shows of
+            // a shared write depends on which came first, so it is not checked.
+            let want_visible = match (a.mode, b.mode) {
+                (b"shared", b"shared" | b"ro") => true,
+                (b"private", _) => false,
+                _ => continue,
+            };
+            // SAFETY: reading region b's first page.
+            let seen = unsafe { ((b.gpa + FILE_TAG_AT + 8 * i as u64) as *const u64).read_volatile() };
+            if (seen == FILE_TAG | i as u64) != want_visible {
+                out.fail().s("region ").dec(i as u64).s("'s write is ");
+                out.detail.s(if want_visible { "not " } else { "" }).s("visible through region ").dec(j as u64);
+                out.detail.s(" of the same file (found ").hex(seen).s(")");
+                return out;
+            }
+            coherent += 1;
+        }
+    }
+    out.count("ro_faults", ro_faults).count("same_file_checks", coherent);
     out
 }
 

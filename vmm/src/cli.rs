@@ -159,7 +159,9 @@ pub struct RunArgs {
     pub map_files: Vec<crate::memory::FileMap>,
     /// A VPAGETABLE window over guest RAM: GPA,SIZE[,levels=N] (levels 1-4,
     /// default 4). Repeatable; region index = order given. Without it vkvm
-    /// gives the bundled guest one 64 MiB 4-level window at 0xC0000000.
+    /// gives the bundled guest three windows: 64 MiB with 4 levels at
+    /// 0xC0000000, 16 MiB with 2 levels at 0xC4000000 and 16 MiB with 3
+    /// levels at 0xC5000000.
     #[arg(long = "vpt-region", value_name = "GPA,SIZE[,levels=N]", value_parser = crate::vpagetable::parse_vpt_region)]
     pub vpt_regions: Vec<crate::vpagetable::VptSpec>,
     /// Swap file (created; default: an unlinked temporary file).

@@ -85,7 +85,7 @@ pub struct MemConfig {
     pub swap_size: Option<u64>,
     /// Test only: failures injected into swap I/O.
     pub swap_fault: Option<crate::cli::SwapFault>,
-    /// `--vpt-region`s; none: the default window (`vpagetable::DEFAULT`)
+    /// `--vpt-region`s; none: the default windows (`vpagetable::DEFAULTS`)
     /// if `default_vpt` (the bundled guest).
     pub vpt: Vec<crate::vpagetable::VptSpec>,
     pub default_vpt: bool,
@@ -306,18 +306,37 @@ impl GuestRam {
         }
     }
 
-    /// Write shared file mappings back to their files (at exit).
+    /// Write shared file mappings back to their files (at exit), each file
+    /// object once.
     pub fn sync_files(&self) -> Result<(), Error> {
+        let mut synced = Vec::new();
         for r in self.files.iter().filter(|r| r.mode == FileMode::Shared) {
+            if synced.contains(&r.object.id()) {
+                continue;
+            }
+            synced.push(r.object.id());
             r.object.sync().map_err(|e| Error::Crash(format!("cannot write back the file at {:#x}: {e:?}", r.gpa)))?;
         }
         Ok(())
     }
 
-    /// Guest command-line words telling the guest where files are mapped.
+    /// The index of the first file region over the same file object as
+    /// region `i` (its own index if it is the first).
+    fn file_id(&self, i: usize) -> usize {
+        let id = self.files[i].object.id();
+        self.files.iter().position(|r| r.object.id() == id).unwrap_or(i)
+    }
+
+    /// Guest command-line words telling the guest where files are mapped:
+    /// `vkvm.files=GPA:LEN:MODE:FILE,...`, FILE = the index of the first
+    /// region that maps the same host file.
     pub fn guest_cmdline(&self) -> String {
-        let v: Vec<String> =
-            self.files.iter().map(|r| format!("{:#x}:{:#x}:{}", r.gpa, r.len, r.mode.name())).collect();
+        let v: Vec<String> = (0..self.files.len())
+            .map(|i| {
+                let r = &self.files[i];
+                format!("{:#x}:{:#x}:{}:{}", r.gpa, r.len, r.mode.name(), self.file_id(i))
+            })
+            .collect();
         let files = if v.is_empty() { String::new() } else { format!("vkvm.files={}", v.join(",")) };
         let vpt = crate::vpagetable::guest_cmdline(&self.vpt, self.size / 4096);
         [files, vpt].join(" ").trim().to_string()
@@ -345,16 +364,20 @@ impl GuestRam {
 }
 
 /// Open every `--map-file`, check sizes and overlaps: (file, bytes, object).
+/// One host file is one object however often it is mapped (BSD's one vnode
+/// object per vnode): two `,shared` maps of a file see each other's writes
+/// and write back one set of pages, so no guest write can be lost to a
+/// second copy; a `,private` map of it is a shadow over the same object.
 fn open_files(vm: &Arc<Vm>, cfg: &MemConfig) -> Result<Vec<(FileMap, u64, pager::ObjHandle)>, Error> {
+    use std::os::unix::fs::MetadataExt;
     let mut out: Vec<(FileMap, u64, pager::ObjHandle)> = Vec::new();
+    // (device, inode) -> the object of that file.
+    let mut opened: Vec<((u64, u64), pager::ObjHandle)> = Vec::new();
     for f in &cfg.files {
         let p = f.path.display();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(f.mode == FileMode::Shared)
-            .open(&f.path)
-            .map_err(|e| Error::Config(format!("--map-file {p}: cannot open: {e}")))?;
-        let flen = file.metadata().map_err(|e| Error::Config(format!("--map-file {p}: {e}")))?.len();
+        let meta =
+            std::fs::metadata(&f.path).map_err(|e| Error::Config(format!("--map-file {p}: cannot open: {e}")))?;
+        let flen = meta.len();
         if flen == 0 {
             return Err(Error::Config(format!("--map-file {p}: the file is empty")));
         }
@@ -376,9 +399,25 @@ fn open_files(vm: &Arc<Vm>, cfg: &MemConfig) -> Result<Vec<(FileMap, u64, pager:
         if let Some((o, _, _)) = out.iter().find(|(o, l, _)| f.gpa < o.gpa + l && o.gpa < end) {
             return Err(Error::Config(format!("--map-file {p} overlaps --map-file {}", o.path.display())));
         }
-        let obj = vm
-            .file_object(file, f.mode == FileMode::Shared, None)
-            .map_err(|e| Error::Config(format!("--map-file {p}: {e}")))?;
+        let key = (meta.dev(), meta.ino());
+        let obj = match opened.iter().find(|(k, _)| *k == key) {
+            Some((_, obj)) => obj.clone(),
+            None => {
+                // Writable if any map of this file is shared.
+                let shared = cfg.files.iter().any(|g| {
+                    g.mode == FileMode::Shared && std::fs::metadata(&g.path).is_ok_and(|m| (m.dev(), m.ino()) == key)
+                });
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(shared)
+                    .open(&f.path)
+                    .map_err(|e| Error::Config(format!("--map-file {p}: cannot open: {e}")))?;
+                let obj =
+                    vm.file_object(file, shared, None).map_err(|e| Error::Config(format!("--map-file {p}: {e}")))?;
+                opened.push((key, obj.clone()));
+                obj
+            }
+        };
         out.push((f.clone(), len, obj));
     }
     Ok(out)

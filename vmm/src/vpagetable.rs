@@ -14,11 +14,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 const PS: u64 = 4096;
 
-/// The window vkvm creates for the bundled guest when no `--vpt-region` is
-/// given: 64 MiB with 4 levels at 3 GiB, above the largest RAM (3 GiB) and
-/// below the 4 GiB the bundled guest identity-maps. Left out if a
-/// `--map-file` overlaps it, and for other kernels (they would not know it).
-pub const DEFAULT: VptSpec = VptSpec { gpa: 0xC000_0000, len: 64 << 20, levels: 4 };
+/// The windows vkvm creates for the bundled guest when no `--vpt-region` is
+/// given, so that every bundled VPAGETABLE test finds what it needs: 64 MiB
+/// with 4 levels at 3 GiB (region 0, the one most tests use), then 16 MiB
+/// with 2 and with 3 levels (for `vpt-levels`). All lie above the largest
+/// RAM (3 GiB) and below the 4 GiB the bundled guest identity-maps. A window
+/// that a `--map-file` overlaps is left out; other kernels get none (they
+/// would not know them).
+pub const DEFAULTS: [VptSpec; 3] = [
+    VptSpec { gpa: 0xC000_0000, len: 64 << 20, levels: 4 },
+    VptSpec { gpa: 0xC400_0000, len: 16 << 20, levels: 2 },
+    VptSpec { gpa: 0xC500_0000, len: 16 << 20, levels: 3 },
+];
 
 /// `--vpt-region GPA,SIZE[,levels=N]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,9 +69,8 @@ pub fn layout(explicit: &[VptSpec], default: bool, ram: u64, files: &[(u64, u64)
         if !default {
             return Ok(Vec::new());
         }
-        let d = DEFAULT;
-        let fits = d.gpa >= ram && !files.iter().any(|&(g, l)| overlaps(d.gpa, d.len, g, l));
-        return Ok(if fits { vec![d] } else { Vec::new() });
+        let fits = |d: &VptSpec| d.gpa >= ram && !files.iter().any(|&(g, l)| overlaps(d.gpa, d.len, g, l));
+        return Ok(DEFAULTS.into_iter().filter(fits).collect());
     }
     let mut out: Vec<VptSpec> = Vec::new();
     for r in explicit {
@@ -207,9 +213,10 @@ mod test {
     #[test]
     fn layout_checks_overlaps_and_places_the_default() {
         let r = |gpa, len| VptSpec { gpa, len, levels: 4 };
-        assert_eq!(layout(&[], true, 256 << 20, &[]).unwrap(), vec![DEFAULT]);
+        assert_eq!(layout(&[], true, 256 << 20, &[]).unwrap(), DEFAULTS.to_vec());
         assert!(layout(&[], false, 256 << 20, &[]).unwrap().is_empty());
-        assert!(layout(&[], true, 256 << 20, &[(0xC100_0000, 4096)]).unwrap().is_empty());
+        // A file over one default window leaves only that one out.
+        assert_eq!(layout(&[], true, 256 << 20, &[(0xC100_0000, 4096)]).unwrap(), DEFAULTS[1..].to_vec());
         let e = layout(&[r(0x100_0000, 4096)], true, 256 << 20, &[]).unwrap_err().to_string();
         assert!(e.contains("overlaps guest RAM"), "{e}");
         let e = layout(&[r(0xD000_0000, 8192)], true, 1 << 20, &[(0xD000_1000, 4096)]).unwrap_err().to_string();
