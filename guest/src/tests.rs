@@ -34,6 +34,7 @@ pub static ALL: &[Test] = &[
     t("kernel-touch", "ring 0 touched fresh pages at boot (exit delivery); ring 3 checks them", false, kernel_touch),
     t("fw-cfg", "read QEMU's fw_cfg (signature, id, cpus, RAM size, files) and report it", false, fw_cfg),
     t("cow-clone", "clone the VM; parent and clones write their own data, see only their own", false, cow_clone),
+    t("clone", "clone the VM; the tests after it run in every VM, each with its own seed", false, clone_first),
     t("clone-bench", "touch clone-mib MiB, then clone (vkvm times the clone)", false, clone_bench),
     t("bad-hypercall", "hostile hypercall arguments get error codes", false, bad_hypercall),
     t("crash", "ring-3 access to an unmapped address: the kernel reports a crash", false, crash),
@@ -47,6 +48,7 @@ pub static ALL: &[Test] = &[
     t("vpt-am", "VPAGETABLE: A/M bits; M re-set after the guest clears it and invals", false, vpt_tests::am),
     t("vpt-inval", "VPAGETABLE: cpu 0 remaps + invals while cpu 1 reads: nothing stale", true, vpt_tests::inval_race),
     t("vpt-bounds", "VPAGETABLE: a frame beyond guest RAM faults with RSVD in the error code", false, vpt_tests::bounds),
+    t("clone-mix", "clone with a window over RAM and pages in swap; each VM sees only its writes via RAM and window", false, vpt_tests::clone_mix),
 ];
 
 pub fn find(name: &[u8]) -> Option<&'static Test> {
@@ -100,8 +102,12 @@ impl Ctx {
         }
         c
     }
+    /// The context of one CPU; after `clone`, the seed has the VM's number
+    /// mixed in, so each VM writes its own data.
     pub fn for_cpu(&self, cpu: usize) -> Ctx {
-        Ctx { cpu, ..*self }
+        let vm = VM_SALT.load(Ordering::Relaxed);
+        let seed = if vm == 0 { self.seed } else { self.seed ^ splitmix64(vm) };
+        Ctx { cpu, seed, ..*self }
     }
     /// Value of `key=value` on the command line.
     pub fn opt(&self, key: &[u8]) -> Option<&'static [u8]> {
@@ -187,7 +193,7 @@ fn copy_str(dst: &mut [u8], src: &[u8]) {
 }
 
 /// Expected contents of the word at `addr`.
-fn pattern(addr: u64, seed: u64) -> u64 {
+pub(crate) fn pattern(addr: u64, seed: u64) -> u64 {
     splitmix64(addr ^ seed.rotate_left(17))
 }
 
@@ -707,7 +713,7 @@ fn clone_region(ctx: &Ctx) -> (u64, u64) {
 }
 
 /// CLONE: 0 in the parent, the clone's number (1..) in a clone.
-fn clone_vm(ctx: &Ctx, out: &mut Outcome) -> Option<u64> {
+pub(crate) fn clone_vm(ctx: &Ctx, out: &mut Outcome) -> Option<u64> {
     if !platform::is_vkvm() {
         out.fail().s("needs vkvm's CLONE hypercall");
         return None;
@@ -761,6 +767,20 @@ fn cow_clone(ctx: &Ctx) -> Outcome {
         }
     }
     out.count("vm", me).count("pages_written", (mid - start) / 4096).count("pages_shared", (end - mid) / 4096);
+    out
+}
+
+/// This VM's number after `clone` (0: the VM vkvm booted, or no clone yet).
+static VM_SALT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// `clone`: clone the VM (`--clones N` clones); the tests after it run in
+/// every VM, each with its own seed, so a write leaking between VMs shows as
+/// a wrong value.
+fn clone_first(ctx: &Ctx) -> Outcome {
+    let mut out = Outcome::new();
+    let Some(me) = clone_vm(ctx, &mut out) else { return out };
+    VM_SALT.store(me, Ordering::Relaxed);
+    out.count("vm", me);
     out
 }
 

@@ -705,3 +705,108 @@ pub fn bounds(ctx: &Ctx) -> Outcome {
     out.count("obj_pages", n).count("rsvd_faults", 2 * cases.len() as u64 + 2);
     out
 }
+
+/// Window pages `clone-mix` maps onto data pages (and again, as aliases, at
+/// `MIX + i`).
+const MIX: u64 = 64;
+
+/// `clone-mix`: a VM clones itself while a window maps part of its RAM (and,
+/// with `--phys-mem`, while pages are out in swap); then every VM (parent 0,
+/// clones 1..) writes its own data over half the data pages, alternately
+/// through the window and through RAM, remaps one window page in its own
+/// tables, and checks that it sees only its own writes through RAM, the
+/// window and the aliases; the pre-clone data where nobody wrote; M set in
+/// its own leaves only where it wrote through the window; and a bulk region
+/// written before the clone (`mix-mib`, default 64 MiB: pageout under a
+/// small budget) intact.
+pub fn clone_mix(ctx: &Ctx) -> Outcome {
+    let mut out = Outcome::new();
+    let Some(mut s) = setup(ctx, &mut out, 0) else { return out };
+    let cpu = ctx.cpu;
+    let Some(t) = s.tables(&mut out) else { return out };
+    let mut data = [0u64; MIX as usize];
+    for (i, d) in data.iter_mut().enumerate() {
+        let Some(p) = s.data(&mut out) else { return out };
+        *d = p;
+        let i = i as u64;
+        if !s.map(&mut out, &t, i, p / PAGE, VPTE_V | VPTE_RW) || !s.map(&mut out, &t, MIX + i, p / PAGE, VPTE_V | VPTE_RW)
+        {
+            return out;
+        }
+    }
+    if !s.setmap(&mut out, t.master(DIR)) {
+        return out;
+    }
+    // Translations exist before the clone: a stale one would show later.
+    for (i, &d) in data.iter().enumerate() {
+        if !expect(&mut out, cpu, "before the clone", s.r.va(i as u64), tag(d)) {
+            return out;
+        }
+    }
+    let mib = ctx.opt(b"mix-mib").and_then(crate::tests::parse_u64).unwrap_or(64);
+    let bulk = ctx.arena_start + 3 * ARENA;
+    let bulk_end = (bulk + (mib << 20)).min(ctx.arena_end);
+    for a in (bulk..bulk_end).step_by(PAGE as usize) {
+        set_ram(a, crate::tests::pattern(a, ctx.seed));
+    }
+    let Some(me) = crate::tests::clone_vm(ctx, &mut out) else { return out };
+    let mine = |a: u64| tag(a) ^ ((me + 1) << 48);
+    let half = MIX / 2;
+    for (i, &d) in data.iter().enumerate().take(half as usize) {
+        for w in (0..PAGE).step_by(8) {
+            if i % 2 == 0 {
+                // SAFETY: window page i is mapped writable onto d (checked above).
+                unsafe { ((s.r.va(i as u64) + w) as *mut u64).write_volatile(mine(d + w)) };
+            } else {
+                set_ram(d + w, mine(d + w));
+            }
+        }
+    }
+    // A table edit after the clone: window page 0 moves to a page of this VM's.
+    let Some(fresh) = s.data(&mut out) else { return out };
+    set_ram(fresh, mine(fresh));
+    if !s.map(&mut out, &t, 0, fresh / PAGE, VPTE_V | VPTE_RW) || !s.inval(&mut out, 0, PAGE) {
+        return out;
+    }
+    // Give the other VMs time to write theirs, so that a leak would show.
+    let t0 = crate::platform::rdtsc();
+    while crate::platform::rdtsc() - t0 < 200_000_000 {
+        core::hint::spin_loop();
+    }
+    if !expect(&mut out, cpu, "remapped page 0", s.r.va(0), mine(fresh)) {
+        return out;
+    }
+    for (i, &d) in data.iter().enumerate() {
+        let i = i as u64;
+        let want = |a: u64| if i < half { mine(a) } else { tag(a) };
+        for w in (0..PAGE).step_by(8) {
+            let (a, via_win, via_alias) = (d + w, s.r.va(i) + w, s.r.va(MIX + i) + w);
+            if ram(a) != want(a) {
+                out.fail().s("vm ").dec(me).s(": RAM at ").hex(a).s(" expected ").hex(want(a)).s(" found ").hex(ram(a));
+                return out;
+            }
+            if (i != 0 && !expect(&mut out, cpu, "window", via_win, want(a)))
+                || !expect(&mut out, cpu, "alias", via_alias, want(a))
+            {
+                out.detail.s(" (vm ").dec(me).s(")");
+                return out;
+            }
+        }
+        let leaf = t.find(i, s.r.levels).map_or(0, |e| ent(e).load(Ordering::Acquire));
+        let written = i < half && i % 2 == 0;
+        if i != 0 && (leaf & VPTE_M != 0) != written {
+            out.fail().s("vm ").dec(me).s(": leaf of window page ").dec(i).s(" has M ");
+            out.detail.s(if written { "clear after a write through it" } else { "set with no write through it" });
+            return out;
+        }
+    }
+    for a in (bulk..bulk_end).step_by(PAGE as usize) {
+        let want = crate::tests::pattern(a, ctx.seed);
+        if ram(a) != want {
+            out.fail().s("vm ").dec(me).s(": bulk at ").hex(a).s(" expected ").hex(want).s(" found ").hex(ram(a));
+            return out;
+        }
+    }
+    out.count("vm", me).count("pages", MIX + (bulk_end - bulk) / PAGE).count("bulk_mib", (bulk_end - bulk) >> 20);
+    out
+}

@@ -41,7 +41,10 @@ impl Cli {
 pub enum Command {
     /// Boot a guest (the bundled one by default) and exit with its status.
     Run(RunArgs),
-    /// Run the guest memory torture suite, each test in a fresh VM.
+    /// Run the guest memory torture suite, each run in a fresh VM: every test
+    /// once, or (--matrix) every test under every combination of vCPUs,
+    /// clones, resident budget, delivery, windows and file maps, or (--soak)
+    /// random combinations and test lists until the time is up.
     Torture {
         /// List the tests with a one-line description and exit.
         #[arg(long)]
@@ -49,9 +52,27 @@ pub enum Command {
         /// Run only this test (repeatable); default: all.
         #[arg(long = "test", value_name = "NAME")]
         tests: Vec<String>,
-        /// Seed for every test's data and order.
+        /// Seed for every test's data and order (and, with --soak, for the
+        /// random configurations and test lists: one seed, one sequence).
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Run the tests under every combination of: vCPUs {1, 2}, clones
+        /// {0, 2}, resident budget {none, 1/4 of RAM with swap}, delivery
+        /// {uffd, uffd polling}, windows {default, own 2/3/4-level}, file
+        /// maps {none, ro + shared + private}; says what it skips and why.
+        #[arg(long, conflicts_with = "soak")]
+        matrix: bool,
+        /// Only configurations K of every N of the matrix (K/N, 0-based): a
+        /// fixed slice, e.g. for CI.
+        #[arg(long, value_name = "K/N", value_parser = parse_slice, requires = "matrix")]
+        slice: Option<(usize, usize)>,
+        /// Run random configurations and random test lists for this long
+        /// (e.g. 90s, 10m, 1h), report every failure at the end.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        soak: Option<std::time::Duration>,
+        /// Runs at a time (each is a VM; 1 keeps timings quiet).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+        jobs: u32,
         /// Also write the summary as JSON.
         #[arg(long, value_name = "PATH")]
         json: Option<PathBuf>,
@@ -202,6 +223,35 @@ pub fn parse_addr(s: &str) -> Result<u64, String> {
     }
 }
 
+/// Parse `K/N` (0 <= K < N).
+pub fn parse_slice(s: &str) -> Result<(usize, usize), String> {
+    let bad = || format!("'{s}': expected K/N with 0 <= K < N, e.g. 0/8");
+    let (k, n) = s.split_once('/').ok_or_else(bad)?;
+    let (k, n): (usize, usize) = (k.parse().map_err(|_| bad())?, n.parse().map_err(|_| bad())?);
+    if k >= n {
+        return Err(bad());
+    }
+    Ok((k, n))
+}
+
+/// Parse a duration: `90`, `90s`, `10m`, `2h` (at most a week).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a duration (examples: 90s, 10m, 1h)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        _ => return Err(format!("'{s}': unknown unit '{unit}' (use s, m or h)")),
+    };
+    if secs == 0 || secs > 7 * 24 * 3600 {
+        return Err(format!("'{s}': a duration from 1 s to a week"));
+    }
+    Ok(std::time::Duration::from_secs(secs))
+}
+
 /// Parse `64M`, `1G`, `4096K` or a plain byte count.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -270,6 +320,16 @@ impl RunArgs {
 #[cfg(test)]
 mod test {
     use super::parse_size;
+
+    #[test]
+    fn slices_and_durations_parse() {
+        use super::{parse_duration, parse_slice};
+        assert_eq!(parse_slice("0/8"), Ok((0, 8)));
+        assert!(parse_slice("8/8").is_err() && parse_slice("1").is_err() && parse_slice("a/2").is_err());
+        assert_eq!(parse_duration("10m").map(|d| d.as_secs()), Ok(600));
+        assert_eq!(parse_duration("90").map(|d| d.as_secs()), Ok(90));
+        assert!(parse_duration("0s").is_err() && parse_duration("5d").is_err() && parse_duration("9999h").is_err());
+    }
 
     #[test]
     fn sizes_parse_with_suffixes() {

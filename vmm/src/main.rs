@@ -39,7 +39,9 @@ fn main() -> ExitCode {
             print!("{}", torture::list());
             Ok(0)
         }
-        cli::Command::Torture { tests, seed, json, run, .. } => torture::command(&run, &tests, seed, json.as_deref()),
+        cli::Command::Torture { tests, seed, json, run, matrix, slice, soak, jobs, .. } => {
+            torture::dispatch(&run, &tests, seed, json.as_deref(), matrix, slice, soak, jobs as usize)
+        }
         cli::Command::Bench { runs, clone_sizes, qemu, json, run } => {
             bench::command(&run, runs.max(1), &clone_sizes, &qemu, json.as_deref())
         }
