@@ -29,12 +29,19 @@ pub enum Behavior {
 pub enum MapType {
     /// Addresses map linearly onto the object.
     Normal,
-    /// Translation through guest-written vpte tables.
+    /// Translation through guest-written vpte tables. A vpte frame number
+    /// `i` names the page this map shows at `target + i * 4096` (the VM's
+    /// RAM as it sees it, shadows included), for `i < target_pages`; the
+    /// entry's own object is an empty placeholder.
     VPageTable {
         /// The master entry (never written by the pager).
         master: u64,
         /// Table levels below the master (1..=4).
         levels: u32,
+        /// Address (in this map) of frame number 0.
+        target: u64,
+        /// Frame numbers allowed: `0..target_pages`.
+        target_pages: u64,
     },
 }
 
@@ -316,23 +323,29 @@ impl Map {
         self.map_object(start, len, obj.clone(), offset, prot, max, inherit, cow)
     }
 
-    /// Maps a VPAGETABLE region over `object` (master 0: every access fails
-    /// until `setmap`).
+    /// Maps a VPAGETABLE window whose vpte frame numbers `0..target_pages`
+    /// name the pages this map shows at `target + i * 4096` (master 0:
+    /// every access fails until `setmap`). The window holds no object: each
+    /// walk resolves table and data pages through the `Normal` entry at the
+    /// target address, as a fault there would, so after a fork every map's
+    /// window walks its own memory.
     pub fn map_vpagetable(
         &self,
         start: u64,
         len: u64,
-        object: ObjHandle,
-        offset: u64,
+        target: u64,
+        target_pages: u64,
         levels: u32,
     ) -> Result<(), MapError> {
         if !(1..=crate::vpte::VPTE_MAX_LEVELS).contains(&levels) {
             return Err(MapError::WrongType);
         }
-        self.map_object(start, len, object, offset, Prot::ALL, Prot::ALL, Inherit::Share, false)?;
+        check_range(target, target_pages.checked_mul(PS).ok_or(MapError::BadRange)?)?;
+        let placeholder = self.vm.anonymous(0);
+        self.map_object(start, len, placeholder, 0, Prot::ALL, Prot::ALL, Inherit::Share, false)?;
         let mut g = self.inner.write();
         if let Some(e) = g.lookup_mut(start) {
-            e.maptype = MapType::VPageTable { master: 0, levels };
+            e.maptype = MapType::VPageTable { master: 0, levels, target, target_pages };
         }
         Ok(())
     }
@@ -393,10 +406,10 @@ impl Map {
     pub fn setmap(&self, start: u64, master: u64) -> Result<(), MapError> {
         let mut g = self.inner.write();
         let e = g.lookup_mut(start).ok_or(MapError::NotMapped)?;
-        let MapType::VPageTable { levels, .. } = e.maptype else {
+        let MapType::VPageTable { master: m, .. } = &mut e.maptype else {
             return Err(MapError::WrongType);
         };
-        e.maptype = MapType::VPageTable { master, levels };
+        *m = master;
         let (s, en) = (e.start, e.end);
         g.timestamp += 1;
         self.pmap.remove(s, en);
@@ -496,7 +509,16 @@ impl Map {
         let mut g = self.inner.write();
         let mut new_entries = BTreeMap::new();
         for (_, e) in g.entries.iter_mut() {
-            if e.wired_count > 0 && matches!(e.maptype, MapType::Normal) {
+            if let MapType::VPageTable { .. } = e.maptype {
+                // The child's window walks the child's memory; the parent's
+                // translations show frames the child now shares: read-only.
+                self.pmap.protect(e.start, e.end, e.protection.without(Prot::WRITE));
+                let mut ne = e.split_clone(e.start);
+                ne.wired_count = 0;
+                new_entries.insert(ne.start, ne);
+                continue;
+            }
+            if e.wired_count > 0 {
                 let ne = copy_wired_entry(&self.vm, e, &child)?;
                 new_entries.insert(ne.start, ne);
                 continue;
