@@ -292,6 +292,7 @@ fn fault_once(fs: &mut Fs, g: &MapInner, vaddr: u64, access: Prot) -> Step<Resol
     let mut walk = None;
     // The Normal entry, first object, page index and protection to resolve:
     // for a window, those of the address its vptes name.
+    let mut target_addr = vaddr;
     let (re, first, first_pindex, first_prot) = if is_vpt {
         let w = match crate::vpagetable::walk(fs, g, e, e.pindex(vaddr), fault_type, e.protection, g.timestamp) {
             Step::Ok(w) => w,
@@ -306,6 +307,7 @@ fn fault_once(fs: &mut Fs, g: &MapInner, vaddr: u64, access: Prot) -> Step<Resol
             other => return other.cast(),
         };
         walk = Some(w);
+        target_addr = addr;
         (re, first, pindex, prot)
     } else {
         let mut first_prot = e.protection;
@@ -333,17 +335,20 @@ fn fault_once(fs: &mut Fs, g: &MapInner, vaddr: u64, access: Prot) -> Step<Resol
         prot = prot.without(Prot::WRITE);
     }
     let mut unswap = false;
-    if prot.writable() {
-        if !page.has(pf::DIRTY) {
-            page.set(pf::DIRTY);
-            unswap = true;
-        }
-        page.clear(pf::ZERO);
+    if prot.writable() && !page.has(pf::DIRTY) {
+        page.set(pf::DIRTY);
+        unswap = true;
     }
+    // Once entered the frame may be populated by the pmap (the VMM puts a
+    // read-only hole's zeros in the page cache): it must be punched when freed.
+    page.clear(pf::ZERO);
     page.set(pf::REFERENCED);
     if fs.flags.has(FaultFlags::WIRE) && !page.has(pf::FICTITIOUS) {
         if fs.wired {
             page.wire_count = page.wire_count.saturating_add(1);
+            if is_vpt {
+                fs.map.record_window_wiring(vaddr, target_addr, page.frame);
+            }
         } else {
             page.wire_count = page.wire_count.saturating_sub(1);
         }
@@ -500,14 +505,15 @@ pub(crate) fn resolve(
             }
         }
         let next = g.backing.as_ref().map(|b| b.arc().clone());
-        let off = g.backing_offset;
+        let np = pindex.checked_add(g.backing_offset);
         chain.push((obj, g, pindex));
-        match next {
-            Some(n) => {
+        match (next, np) {
+            (Some(n), Some(np)) => {
                 obj = n;
-                pindex = pindex.wrapping_add(off);
+                pindex = np;
             }
-            None => {
+            // An index past u64 is past every backing object: none has it.
+            _ => {
                 found_depth = None;
                 break;
             }
@@ -584,6 +590,11 @@ pub(crate) fn resolve(
         page.clear(pf::ZERO);
         fg.pages.insert(fp, page);
         return Step::Ok(Found { g: fg, obj: fo, pindex: fp, prot, kind: FaultKind::CowRename });
+    }
+    // A copy is a new page in the first object: rate-limited as the seed
+    // limits every first-object allocation.
+    if let Some(d) = throttle(fs) {
+        return Step::Throttle(d);
     }
     let Some(fr) = vm.pool.alloc(fo.pref_frame(fp)) else {
         return Step::NoMemory;
@@ -817,11 +828,16 @@ fn prefault(fs: &Fs, e: &MapEntry, vaddr: u64, out: &mut Vec<(u64, Frame, Prot)>
             if fs.map.pmap.extract(a).is_some() {
                 continue;
             }
+            // Locks are kept top-down until the enter, as `resolve` keeps
+            // them: a COW copy into an upper object cannot finish in between
+            // and be overwritten by the backing frame.
+            let mut held: SmallVec<[ObjGuard; 4]> = SmallVec::new();
             let mut o = e.object.arc().clone();
             let mut p = e.pindex(a);
             let mut depth = 0;
             loop {
-                let mut g = o.lock();
+                held.push(o.lock());
+                let Some(g) = held.last_mut() else { return };
                 if let Some(pg) = g.pages.get_mut(&p) {
                     if pg.has(pf::BUSY) || !pg.has(pf::VALID) {
                         return;
@@ -833,6 +849,7 @@ fn prefault(fs: &Fs, e: &MapEntry, vaddr: u64, out: &mut Vec<(u64, Frame, Prot)>
                     if pg.queue == Queue::Cache {
                         pg.queue = Queue::Inactive;
                     }
+                    pg.clear(pf::ZERO);
                     rmap_add(pg, fs.map.pmap_id, a);
                     stages::timed(Stage::Install, || fs.map.pmap.enter(a, pg.frame, prot, false));
                     out.push((a, pg.frame, prot));
@@ -843,15 +860,13 @@ fn prefault(fs: &Fs, e: &MapEntry, vaddr: u64, out: &mut Vec<(u64, Frame, Prot)>
                     return;
                 }
                 let next = g.backing.as_ref().map(|b| b.arc().clone());
-                let off = g.backing_offset;
-                drop(g);
-                match next {
-                    Some(nx) => {
+                match (next, p.checked_add(g.backing_offset)) {
+                    (Some(nx), Some(np)) => {
                         o = nx;
-                        p = p.wrapping_add(off);
+                        p = np;
                         depth += 1;
                     }
-                    None => return,
+                    _ => return,
                 }
             }
         }
@@ -863,9 +878,15 @@ fn prefault(fs: &Fs, e: &MapEntry, vaddr: u64, out: &mut Vec<(u64, Frame, Prot)>
 /// first error after the first page.
 pub fn fault_range(map: &Map, addr: u64, npages: u64, access: Prot) -> Result<Vec<Resolved>, FaultError> {
     let base = addr & !(PS - 1);
-    let mut out = Vec::with_capacity(npages as usize);
+    // `npages` is the caller's (possibly hostile) number: grow as pages resolve.
+    let mut out = Vec::with_capacity(npages.min(64) as usize);
     for i in 0..npages {
-        let a = base + i * PS;
+        let Some(a) = i.checked_mul(PS).and_then(|o| base.checked_add(o)) else {
+            if i == 0 {
+                return Err(FaultError::NotMapped);
+            }
+            break;
+        };
         if !access.writable() && map.pmap.extract(a).is_some() {
             continue;
         }

@@ -26,6 +26,8 @@ pub(crate) struct PathEnt {
     pindex: u64,
     frame: Frame,
     idx: usize,
+    /// The vpte as the walk read it: A/M go only into that same entry.
+    seen: Vpte,
     /// The table page was resolved for write (it is this map's own copy);
     /// otherwise A/M are not written.
     writable: bool,
@@ -149,7 +151,7 @@ pub(crate) fn walk(
             return Step::Err(FaultError::Failure);
         };
         vpte = word.load(Ordering::Acquire);
-        path.push(PathEnt { _held: held, obj, pindex, frame, idx, writable });
+        path.push(PathEnt { _held: held, obj, pindex, frame, idx, seen: vpte, writable });
     }
     let low = if vshift >= 64 { va_pindex } else { va_pindex & ((1u64 << vshift) - 1) };
     let Some(frame) = vpte_pindex(vpte).checked_add(low) else {
@@ -167,8 +169,9 @@ pub(crate) fn walk(
 
 /// After a successful fault, before its page is entered (the vCPU may run
 /// the moment it is): A on every in-memory entry of the path, M|A on a
-/// write; never on an entry whose V is clear (compare-and-swap against
-/// concurrent guest edits). Only tables resolved for write (this map's own copy) are
+/// write. Compare-and-swap against the value the walk read: an entry the
+/// guest has replaced since (V cleared, another frame or flags) gets
+/// nothing. Only tables resolved for write (this map's own copy) are
 /// written. Takes no object lock (the caller may hold the data page's);
 /// returns which path entries changed, for `dirty_tables`.
 pub(crate) fn set_accessed(vm: &Vm, w: &Walk, fault_type: Prot) -> u32 {
@@ -182,7 +185,9 @@ pub(crate) fn set_accessed(vm: &Vm, w: &Walk, fault_type: Prot) -> u32 {
         };
         let mut cur = word.load(Ordering::Acquire);
         loop {
-            if cur & VPTE_V == 0 {
+            // Only the entry the walk used (A/M set by others meanwhile
+            // aside): one the guest has since replaced gets nothing.
+            if cur & !(VPTE_A | VPTE_M) != ent.seen & !(VPTE_A | VPTE_M) {
                 break;
             }
             let mut n = cur | VPTE_A;
