@@ -88,6 +88,22 @@ fn aliases_share_one_page_with_ram() {
 }
 
 #[test]
+fn clones_windows_see_only_their_own_vm() {
+    need_kvm!();
+    // Every clone has the default window; after the clone each VM writes
+    // through its window and RAM and must see only its own data.
+    let r = run(&["--clones", "2", "--cmdline", "tests=cow-clone,vpt-alias"]);
+    assert_eq!(r.status(), 0, "stdout: {}\nstderr: {}", r.stdout(), r.stderr());
+    let t = r.tests();
+    let alias: Vec<_> = t.iter().filter(|t| t["name"] == "vpt-alias").collect();
+    let mut vms: Vec<u64> = alias.iter().map(|t| t["vm"].as_u64().unwrap()).collect();
+    vms.sort();
+    assert_eq!(vms, vec![0, 1, 2], "one vpt-alias report per VM: {t:?}");
+    assert!(t.iter().all(|t| t["status"] == "pass"), "{t:?}");
+    assert!(alias.iter().all(|t| t["aliases"] == 3), "{alias:?}");
+}
+
+#[test]
 fn read_only_at_any_level_refuses_writes_as_guest_page_faults() {
     need_kvm!();
     let (r, t) = vpt("vpt-ro", &[]);

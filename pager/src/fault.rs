@@ -7,7 +7,7 @@ use crate::map::{Behavior, Map, MapEntry, MapInner, MapType};
 use crate::object::{ObjGuard, Object, ObjectKind};
 use crate::page::{pf, Page, Queue};
 use crate::pager::{PageIo, Pager, PagerError};
-use crate::pmap::{remove_mappings, rmap_add};
+use crate::pmap::{remove_map_mappings, remove_mappings, rmap_add};
 use crate::stages::{self, Stage};
 use crate::vm::{bump, Prot, Vm};
 use smallvec::SmallVec;
@@ -162,7 +162,8 @@ pub(crate) enum Step<T> {
     PageIn(PageInReq),
     NoMemory,
     Throttle(Duration),
-    NeedsCopy,
+    /// The entry at this address needs its shadow before a write.
+    NeedsCopy(u64),
     Err(FaultError),
 }
 
@@ -175,7 +176,7 @@ impl<T> Step<T> {
             Step::PageIn(r) => Step::PageIn(r),
             Step::NoMemory => Step::NoMemory,
             Step::Throttle(d) => Step::Throttle(d),
-            Step::NeedsCopy => Step::NeedsCopy,
+            Step::NeedsCopy(a) => Step::NeedsCopy(a),
             Step::Err(e) => Step::Err(e),
         }
     }
@@ -247,9 +248,9 @@ pub fn fault(map: &Map, addr: u64, access: Prot, flags: FaultFlags) -> Result<Re
                 bump(&vm.stats.throttled);
                 std::thread::sleep(d);
             }
-            Step::NeedsCopy => {
+            Step::NeedsCopy(at) => {
                 let mut g = map.inner.write();
-                if let Some(e) = g.lookup_mut(vaddr) {
+                if let Some(e) = g.lookup_mut(at) {
                     if e.needs_copy {
                         e.make_shadow();
                         g.timestamp += 1;
@@ -285,34 +286,41 @@ fn fault_once(fs: &mut Fs, g: &MapInner, vaddr: u64, access: Prot) -> Step<Resol
     if !e.protection.contains(access) {
         return Step::Err(FaultError::Protection);
     }
-    let mut first_prot = e.protection;
     let is_vpt = matches!(e.maptype, MapType::VPageTable { .. });
-    // A writable VPAGETABLE entry is shadowed now so vptes can be written.
-    let lookup_type = if is_vpt && e.protection.writable() { access | Prot::WRITE } else { access };
-    if e.needs_copy {
-        if lookup_type.writable() || (fs.wired && e.protection.writable()) {
-            return Step::NeedsCopy;
-        }
-        first_prot = first_prot.without(Prot::WRITE);
-    }
     // Wired entries fault with their own protection.
-    let fault_type = if fs.wired { first_prot } else { access };
-    let first = e.object.arc().clone();
-    let mut first_pindex = e.pindex(vaddr);
+    let fault_type = if fs.wired { e.protection } else { access };
     let mut walk = None;
-    if let MapType::VPageTable { master, levels } = e.maptype {
-        match crate::vpagetable::walk(fs, e, &first, first_pindex, master, levels, fault_type, first_prot, g.timestamp)
-        {
-            Step::Ok(w) => {
-                first_pindex = w.pindex;
-                first_prot = w.prot;
-                walk = Some(w);
-            }
+    // The Normal entry, first object, page index and protection to resolve:
+    // for a window, those of the address its vptes name.
+    let mut target_addr = vaddr;
+    let (re, first, first_pindex, first_prot) = if is_vpt {
+        let w = match crate::vpagetable::walk(fs, g, e, e.pindex(vaddr), fault_type, e.protection, g.timestamp) {
+            Step::Ok(w) => w,
             other => return other.cast(),
+        };
+        let (re, addr) = match crate::vpagetable::target_entry(g, e, w.frame) {
+            Ok(t) => t,
+            Err(err) => return Step::Err(err),
+        };
+        let (first, pindex, prot) = match crate::vpagetable::lookup_normal(re, addr, fault_type, w.prot) {
+            Step::Ok(t) => t,
+            other => return other.cast(),
+        };
+        walk = Some(w);
+        target_addr = addr;
+        (re, first, pindex, prot)
+    } else {
+        let mut first_prot = e.protection;
+        if e.needs_copy {
+            if access.writable() || (fs.wired && e.protection.writable()) {
+                return Step::NeedsCopy(vaddr);
+            }
+            first_prot = first_prot.without(Prot::WRITE);
         }
-    }
+        (e, e.object.arc().clone(), e.pindex(vaddr), first_prot)
+    };
     let found = match stages::timed(Stage::ChainWalk, || {
-        resolve(fs, e, &first, first_pindex, fault_type, first_prot, g.timestamp)
+        resolve(fs, re, &first, first_pindex, fault_type, first_prot, g.timestamp, Some(vaddr))
     }) {
         Step::Ok(f) => f,
         other => return other.cast(),
@@ -327,17 +335,20 @@ fn fault_once(fs: &mut Fs, g: &MapInner, vaddr: u64, access: Prot) -> Step<Resol
         prot = prot.without(Prot::WRITE);
     }
     let mut unswap = false;
-    if prot.writable() {
-        if !page.has(pf::DIRTY) {
-            page.set(pf::DIRTY);
-            unswap = true;
-        }
-        page.clear(pf::ZERO);
+    if prot.writable() && !page.has(pf::DIRTY) {
+        page.set(pf::DIRTY);
+        unswap = true;
     }
+    // Once entered the frame may be populated by the pmap (the VMM puts a
+    // read-only hole's zeros in the page cache): it must be punched when freed.
+    page.clear(pf::ZERO);
     page.set(pf::REFERENCED);
     if fs.flags.has(FaultFlags::WIRE) && !page.has(pf::FICTITIOUS) {
         if fs.wired {
             page.wire_count = page.wire_count.saturating_add(1);
+            if is_vpt {
+                fs.map.record_window_wiring(vaddr, target_addr, page.frame);
+            }
         } else {
             page.wire_count = page.wire_count.saturating_sub(1);
         }
@@ -407,7 +418,11 @@ fn throttle(fs: &mut Fs) -> Option<Duration> {
 /// Finds or makes the page for (first, first_pindex) (`vm_fault_object`):
 /// walks the shadow chain top-down holding each object's lock, first hit
 /// wins, pager asked where `TRYPAGER` holds, zero-fill in the top object,
-/// copy-on-write or rename on a write to a backing page.
+/// copy-on-write or rename on a write to a backing page. A COW copy removes
+/// every mapping this map has of the old frame (window aliases, the RAM
+/// address of a page copied through a window) but `keep`, the address the
+/// caller enters the copy at.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn resolve(
     fs: &mut Fs,
     e: &MapEntry,
@@ -416,6 +431,7 @@ pub(crate) fn resolve(
     fault_type: Prot,
     first_prot: Prot,
     timestamp: u64,
+    keep: Option<u64>,
 ) -> Step<Found> {
     let vm = fs.vm;
     let mut prot = first_prot;
@@ -489,14 +505,15 @@ pub(crate) fn resolve(
             }
         }
         let next = g.backing.as_ref().map(|b| b.arc().clone());
-        let off = g.backing_offset;
+        let np = pindex.checked_add(g.backing_offset);
         chain.push((obj, g, pindex));
-        match next {
-            Some(n) => {
+        match (next, np) {
+            (Some(n), Some(np)) => {
                 obj = n;
-                pindex = pindex.wrapping_add(off);
+                pindex = np;
             }
-            None => {
+            // An index past u64 is past every backing object: none has it.
+            _ => {
                 found_depth = None;
                 break;
             }
@@ -574,6 +591,11 @@ pub(crate) fn resolve(
         fg.pages.insert(fp, page);
         return Step::Ok(Found { g: fg, obj: fo, pindex: fp, prot, kind: FaultKind::CowRename });
     }
+    // A copy is a new page in the first object: rate-limited as the seed
+    // limits every first-object allocation.
+    if let Some(d) = throttle(fs) {
+        return Step::Throttle(d);
+    }
     let Some(fr) = vm.pool.alloc(fo.pref_frame(fp)) else {
         return Step::NoMemory;
     };
@@ -583,6 +605,9 @@ pub(crate) fn resolve(
     }
     if let Some(pg) = bg.pages.get_mut(&bp) {
         pg.set(pf::REFERENCED);
+        // The copy replaces the backing page for this map only: no address
+        // of it may keep showing the old frame.
+        remove_map_mappings(vm, pg, fs.map.pmap_id, keep);
     }
     drop(bg);
     fg.pages.insert(fp, Page::new(fr, pf::VALID | pf::DIRTY));
@@ -803,11 +828,16 @@ fn prefault(fs: &Fs, e: &MapEntry, vaddr: u64, out: &mut Vec<(u64, Frame, Prot)>
             if fs.map.pmap.extract(a).is_some() {
                 continue;
             }
+            // Locks are kept top-down until the enter, as `resolve` keeps
+            // them: a COW copy into an upper object cannot finish in between
+            // and be overwritten by the backing frame.
+            let mut held: SmallVec<[ObjGuard; 4]> = SmallVec::new();
             let mut o = e.object.arc().clone();
             let mut p = e.pindex(a);
             let mut depth = 0;
             loop {
-                let mut g = o.lock();
+                held.push(o.lock());
+                let Some(g) = held.last_mut() else { return };
                 if let Some(pg) = g.pages.get_mut(&p) {
                     if pg.has(pf::BUSY) || !pg.has(pf::VALID) {
                         return;
@@ -819,6 +849,7 @@ fn prefault(fs: &Fs, e: &MapEntry, vaddr: u64, out: &mut Vec<(u64, Frame, Prot)>
                     if pg.queue == Queue::Cache {
                         pg.queue = Queue::Inactive;
                     }
+                    pg.clear(pf::ZERO);
                     rmap_add(pg, fs.map.pmap_id, a);
                     stages::timed(Stage::Install, || fs.map.pmap.enter(a, pg.frame, prot, false));
                     out.push((a, pg.frame, prot));
@@ -829,15 +860,13 @@ fn prefault(fs: &Fs, e: &MapEntry, vaddr: u64, out: &mut Vec<(u64, Frame, Prot)>
                     return;
                 }
                 let next = g.backing.as_ref().map(|b| b.arc().clone());
-                let off = g.backing_offset;
-                drop(g);
-                match next {
-                    Some(nx) => {
+                match (next, p.checked_add(g.backing_offset)) {
+                    (Some(nx), Some(np)) => {
                         o = nx;
-                        p = p.wrapping_add(off);
+                        p = np;
                         depth += 1;
                     }
-                    None => return,
+                    _ => return,
                 }
             }
         }
@@ -849,9 +878,15 @@ fn prefault(fs: &Fs, e: &MapEntry, vaddr: u64, out: &mut Vec<(u64, Frame, Prot)>
 /// first error after the first page.
 pub fn fault_range(map: &Map, addr: u64, npages: u64, access: Prot) -> Result<Vec<Resolved>, FaultError> {
     let base = addr & !(PS - 1);
-    let mut out = Vec::with_capacity(npages as usize);
+    // `npages` is the caller's (possibly hostile) number: grow as pages resolve.
+    let mut out = Vec::with_capacity(npages.min(64) as usize);
     for i in 0..npages {
-        let a = base + i * PS;
+        let Some(a) = i.checked_mul(PS).and_then(|o| base.checked_add(o)) else {
+            if i == 0 {
+                return Err(FaultError::NotMapped);
+            }
+            break;
+        };
         if !access.writable() && map.pmap.extract(a).is_some() {
             continue;
         }

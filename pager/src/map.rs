@@ -1,12 +1,13 @@
 //! Address maps (`vm_map`): entries mapping address ranges to objects.
 
 use crate::fault::{self, FaultError, FaultFlags};
+use crate::frame::Frame;
 use crate::frame::PAGE_SIZE;
 use crate::object::{ObjHandle, ObjectKind};
 use crate::page::pf;
 use crate::pmap::{rmap_add, Pmap, PmapId};
 use crate::vm::{Prot, Vm};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -29,12 +30,19 @@ pub enum Behavior {
 pub enum MapType {
     /// Addresses map linearly onto the object.
     Normal,
-    /// Translation through guest-written vpte tables.
+    /// Translation through guest-written vpte tables. A vpte frame number
+    /// `i` names the page this map shows at `target + i * 4096` (the VM's
+    /// RAM as it sees it, shadows included), for `i < target_pages`; the
+    /// entry's own object is an empty placeholder.
     VPageTable {
         /// The master entry (never written by the pager).
         master: u64,
         /// Table levels below the master (1..=4).
         levels: u32,
+        /// Address (in this map) of frame number 0.
+        target: u64,
+        /// Frame numbers allowed: `0..target_pages`.
+        target_pages: u64,
     },
 }
 
@@ -107,7 +115,8 @@ impl MapEntry {
             start: at,
             end: self.end,
             object: self.object.clone(),
-            offset: self.offset.wrapping_add(at - self.start),
+            // `map_object` checked offset + length: no overflow.
+            offset: self.offset + (at - self.start),
             protection: self.protection,
             max_protection: self.max_protection,
             wired_count: self.wired_count,
@@ -120,7 +129,8 @@ impl MapEntry {
     }
     /// Object page index of `addr` (the VA-side index for VPAGETABLE).
     pub(crate) fn pindex(&self, addr: u64) -> u64 {
-        (addr - self.start).wrapping_add(self.offset) / PS
+        // `map_object` refused offsets where this could overflow.
+        (self.offset + (addr - self.start)) / PS
     }
     /// Creates the shadow a needs-copy entry gets on its first write.
     pub(crate) fn make_shadow(&mut self) {
@@ -208,6 +218,10 @@ pub struct Map {
     pub(crate) pmap_id: PmapId,
     pub(crate) inner: RwLock<MapInner>,
     pub(crate) pagesupply: AtomicI64,
+    /// Pages wired through VPAGETABLE windows: window page -> (target
+    /// address, frame) per wiring, so unwire finds the page wiring wired
+    /// whatever the vptes say by then.
+    pub(crate) vpt_wired: Mutex<BTreeMap<u64, Vec<(u64, Frame)>>>,
 }
 
 /// Highest mappable address: reverse-map entries pack the virtual page
@@ -235,6 +249,7 @@ impl Map {
             pmap_id: id,
             inner: RwLock::new(MapInner { entries: BTreeMap::new(), timestamp: 0 }),
             pagesupply: AtomicI64::new(0),
+            vpt_wired: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -267,7 +282,9 @@ impl Map {
         cow: bool,
     ) -> Result<(), MapError> {
         let end = check_range(start, len)?;
-        if !offset.is_multiple_of(PS) {
+        // The object byte range must not wrap: page indexes are computed
+        // with plain arithmetic from here on.
+        if !offset.is_multiple_of(PS) || offset.checked_add(len).is_none() {
             return Err(MapError::BadRange);
         }
         if !max_prot.contains(prot) {
@@ -316,23 +333,29 @@ impl Map {
         self.map_object(start, len, obj.clone(), offset, prot, max, inherit, cow)
     }
 
-    /// Maps a VPAGETABLE region over `object` (master 0: every access fails
-    /// until `setmap`).
+    /// Maps a VPAGETABLE window whose vpte frame numbers `0..target_pages`
+    /// name the pages this map shows at `target + i * 4096` (master 0:
+    /// every access fails until `setmap`). The window holds no object: each
+    /// walk resolves table and data pages through the `Normal` entry at the
+    /// target address, as a fault there would, so after a fork every map's
+    /// window walks its own memory.
     pub fn map_vpagetable(
         &self,
         start: u64,
         len: u64,
-        object: ObjHandle,
-        offset: u64,
+        target: u64,
+        target_pages: u64,
         levels: u32,
     ) -> Result<(), MapError> {
         if !(1..=crate::vpte::VPTE_MAX_LEVELS).contains(&levels) {
             return Err(MapError::WrongType);
         }
-        self.map_object(start, len, object, offset, Prot::ALL, Prot::ALL, Inherit::Share, false)?;
+        check_range(target, target_pages.checked_mul(PS).ok_or(MapError::BadRange)?)?;
+        let placeholder = self.vm.anonymous(0);
+        self.map_object(start, len, placeholder, 0, Prot::ALL, Prot::ALL, Inherit::Share, false)?;
         let mut g = self.inner.write();
         if let Some(e) = g.lookup_mut(start) {
-            e.maptype = MapType::VPageTable { master: 0, levels };
+            e.maptype = MapType::VPageTable { master: 0, levels, target, target_pages };
         }
         Ok(())
     }
@@ -344,6 +367,8 @@ impl Map {
             let mut g = self.inner.write();
             g.clip(start);
             g.clip(end);
+            // Window wirings are found through the map: before the entries go.
+            self.unwire_windows(&g, start, end);
             let keys: Vec<u64> = g.entries.range(start..end).map(|(k, _)| *k).collect();
             let v = keys.iter().filter_map(|k| g.entries.remove(k)).collect();
             g.timestamp += 1;
@@ -352,7 +377,7 @@ impl Map {
         };
         // Unwire pages of wired entries, then drop references (may collapse).
         for e in &removed {
-            if e.wired_count > 0 {
+            if e.wired_count > 0 && e.maptype == MapType::Normal {
                 unwire_entry_pages(e, e.start, e.end);
             }
         }
@@ -393,10 +418,10 @@ impl Map {
     pub fn setmap(&self, start: u64, master: u64) -> Result<(), MapError> {
         let mut g = self.inner.write();
         let e = g.lookup_mut(start).ok_or(MapError::NotMapped)?;
-        let MapType::VPageTable { levels, .. } = e.maptype else {
+        let MapType::VPageTable { master: m, .. } = &mut e.maptype else {
             return Err(MapError::WrongType);
         };
-        e.maptype = MapType::VPageTable { master, levels };
+        *m = master;
         let (s, en) = (e.start, e.end);
         g.timestamp += 1;
         self.pmap.remove(s, en);
@@ -458,18 +483,17 @@ impl Map {
         Ok(())
     }
 
-    /// Unwires `[start, start+len)`.
+    /// Unwires `[start, start+len)`. The check, the pages and the entries'
+    /// counts change under one write lock, so two unwires of one wiring
+    /// cannot both pass the check and strip another wiring of a shared page.
     pub fn unwire(&self, start: u64, len: u64) -> Result<(), MapError> {
         let end = check_range(start, len)?;
-        {
-            let g = self.inner.read();
-            if g.entries.range(..end).any(|(_, e)| e.end > start && e.start < end && e.wired_count == 0) {
-                return Err(MapError::NotMapped);
-            }
-        }
-        self.unwire_pages(start, end);
         let mut g = self.inner.write();
+        if g.entries.range(..end).any(|(_, e)| e.end > start && e.start < end && e.wired_count == 0) {
+            return Err(MapError::NotMapped);
+        }
         g.clip_range(start, end)?;
+        self.unwire_locked(&g, start, end);
         for (_, e) in g.entries.range_mut(start..end) {
             e.wired_count = e.wired_count.saturating_sub(1);
         }
@@ -479,11 +503,40 @@ impl Map {
 
     fn unwire_pages(&self, start: u64, end: u64) {
         let g = self.inner.read();
+        self.unwire_locked(&g, start, end);
+    }
+
+    fn unwire_locked(&self, g: &MapInner, start: u64, end: u64) {
         for (_, e) in g.entries.range(..end) {
-            if e.end > start && e.wired_count > 0 {
+            if e.end > start && e.wired_count > 0 && e.maptype == MapType::Normal {
                 unwire_entry_pages(e, start.max(e.start), end.min(e.end));
             }
         }
+        self.unwire_windows(g, start, end);
+    }
+
+    /// Drops one wiring of each window page in `[start, end)` that has one:
+    /// the page is found by the frame wiring recorded, down the chain of the
+    /// target address (pages keep their frame while wired).
+    fn unwire_windows(&self, g: &MapInner, start: u64, end: u64) {
+        let mut w = self.vpt_wired.lock();
+        let keys: Vec<u64> = w.range(start..end).map(|(k, _)| *k).collect();
+        for k in keys {
+            let Some(v) = w.get_mut(&k) else { continue };
+            if let Some((addr, frame)) = v.pop() {
+                if let Some(re) = g.lookup(addr).filter(|re| re.maptype == MapType::Normal) {
+                    unwire_frame(re.object.arc(), re.pindex(addr), frame);
+                }
+            }
+            if v.is_empty() {
+                w.remove(&k);
+            }
+        }
+    }
+
+    /// Records a page wired through the window page `vaddr`.
+    pub(crate) fn record_window_wiring(&self, vaddr: u64, addr: u64, frame: Frame) {
+        self.vpt_wired.lock().entry(vaddr).or_default().push((addr, frame));
     }
 
     /// Clones the map for a VM clone (`vmspace_fork`): entries become
@@ -496,7 +549,17 @@ impl Map {
         let mut g = self.inner.write();
         let mut new_entries = BTreeMap::new();
         for (_, e) in g.entries.iter_mut() {
-            if e.wired_count > 0 && matches!(e.maptype, MapType::Normal) {
+            if let MapType::VPageTable { .. } = e.maptype {
+                // The child's window walks the child's memory; the parent's
+                // translations show frames the child now shares: read-only.
+                self.pmap.protect(e.start, e.end, e.protection.without(Prot::WRITE));
+                let mut ne = e.split_clone(e.start);
+                ne.wired_count = 0;
+                new_entries.insert(ne.start, ne);
+                continue;
+            }
+            // BSD copies wired Copy entries only; a shared one stays shared.
+            if e.wired_count > 0 && e.inherit == Inherit::Copy {
                 let ne = copy_wired_entry(&self.vm, e, &child)?;
                 new_entries.insert(ne.start, ne);
                 continue;
@@ -565,8 +628,38 @@ pub(crate) fn find_resident(
         let off = g.backing_offset;
         drop(g);
         o = next?;
-        p += off;
+        // An index past u64 is past every object: no page there.
+        p = p.checked_add(off)?;
         depth += 1;
+    }
+}
+
+/// Drops one wiring of the page holding `frame` for (first, pindex), found
+/// down the chain.
+fn unwire_frame(first: &Arc<crate::object::Object>, pindex: u64, frame: Frame) {
+    let mut o = first.clone();
+    let mut p = pindex;
+    loop {
+        let mut g = o.st.lock();
+        if let Some(pg) = g.pages.get_mut(&p).filter(|pg| pg.frame == frame) {
+            if pg.wire_count > 0 {
+                pg.wire_count -= 1;
+                if pg.wire_count == 0 {
+                    pg.queue = crate::page::Queue::Active;
+                }
+            }
+            return;
+        }
+        let next = g.backing.as_ref().map(|b| b.arc().clone());
+        let off = g.backing_offset;
+        drop(g);
+        match (next, p.checked_add(off)) {
+            (Some(n), Some(np)) => {
+                o = n;
+                p = np;
+            }
+            _ => return,
+        }
     }
 }
 
@@ -645,10 +738,17 @@ fn copy_wired_entry(vm: &Arc<Vm>, e: &MapEntry, child: &Map) -> Result<MapEntry,
 
 impl Drop for Map {
     fn drop(&mut self) {
-        let entries = std::mem::take(&mut self.inner.get_mut().entries);
+        let wired = std::mem::take(self.vpt_wired.get_mut());
+        let g = self.inner.get_mut();
+        for (addr, frame) in wired.into_values().flatten() {
+            if let Some(re) = g.lookup(addr).filter(|re| re.maptype == MapType::Normal) {
+                unwire_frame(re.object.arc(), re.pindex(addr), frame);
+            }
+        }
+        let entries = std::mem::take(&mut g.entries);
         for e in entries.values() {
             self.pmap.remove(e.start, e.end);
-            if e.wired_count > 0 {
+            if e.wired_count > 0 && e.maptype == MapType::Normal {
                 unwire_entry_pages(e, e.start, e.end);
             }
         }

@@ -353,6 +353,18 @@ fn unlink_shadow(backing: &Object, shadow: &Arc<Object>, replace: Option<Weak<Ob
 
 /// Frees everything an object holds (`vm_object_terminate`).
 fn terminate(obj: &Arc<Object>) {
+    // Dirty pages of a file object are the file's data (shared mappings):
+    // write them back before the pages go, or say that they are lost.
+    let dirty_file = {
+        let g = obj.st.lock();
+        g.kind == ObjectKind::File && g.pages.values().any(|p| p.has(pf::DIRTY))
+    };
+    if dirty_file {
+        if let Err(e) = obj.sync() {
+            bump(&obj.vm.stats.pageout_errors);
+            log::error!("object {}: writing dirty file pages back at termination failed ({e}): data lost", obj.id);
+        }
+    }
     let (pages, backing, pager) = {
         let mut g = obj.lock();
         // Wait out I/O in progress on our pages.
@@ -430,6 +442,9 @@ pub fn collapse(top: &Arc<Object>) -> usize {
         }
         let off = sg.backing_offset;
         let size = sg.size;
+        let Some(new_off) = off.checked_add(bg.backing_offset) else {
+            return merged;
+        };
         let top_pager = sg.pager.clone();
         // Only `top`'s own pages shadow `back`'s swap copies; pages moved up
         // from `back` keep their slots.
@@ -457,7 +472,7 @@ pub fn collapse(top: &Arc<Object>) -> usize {
             }
         }
         let next = bg.backing.take();
-        sg.backing_offset = off + bg.backing_offset;
+        sg.backing_offset = new_off;
         bg.dead = true;
         bg.ref_count = 0;
         bg.shadow_count = 0;

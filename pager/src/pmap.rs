@@ -57,6 +57,27 @@ pub(crate) fn remove_mappings(vm: &Vm, page: &mut Page) -> bool {
     modified
 }
 
+/// Removes the mappings of `page` in one pmap (`id`), except at `keep`,
+/// and drops that pmap's reverse-map entries (the page no longer backs any
+/// of its addresses: a COW copy replaced it there).
+pub(crate) fn remove_map_mappings(vm: &Vm, page: &mut Page, id: PmapId, keep: Option<u64>) {
+    if page.rmap.is_empty() {
+        return;
+    }
+    let Some(pm) = vm.pmap(id) else { return };
+    for v in page.rmap.take() {
+        let (pid, vpn) = rmap_unpack(v);
+        if pid != id {
+            page.rmap.add(v);
+            continue;
+        }
+        let a = vpn << 12;
+        if Some(a) != keep && pm.extract(a) == Some(page.frame) {
+            pm.remove(a, a + PAGE_SIZE as u64);
+        }
+    }
+}
+
 /// Write-protects every mapping of `page`; also harvests hardware M bits.
 pub(crate) fn protect_mappings(vm: &Vm, page: &mut Page, prot: Prot) -> bool {
     let mut modified = false;

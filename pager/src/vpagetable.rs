@@ -1,10 +1,13 @@
 //! VPAGETABLE translation (`vm_fault_vpagetable`, the 2017+ behaviour with
 //! the decisions in DESIGN.md): the guest's vpte tables map a VA-side page
-//! index to a page of the entry's object.
+//! index to a frame number `i`, the page the map shows at
+//! `target + i * 4096` (its RAM). Table and data pages are resolved through
+//! the map's `Normal` entry there, exactly as a fault at that address, so a
+//! window always sees its own VM's memory (shadow objects included).
 
 use crate::fault::{resolve, FaultError, Found, Fs, Held, Step};
-use crate::frame::Frame;
-use crate::map::MapEntry;
+use crate::frame::{Frame, PAGE_SIZE};
+use crate::map::{MapEntry, MapInner, MapType};
 use crate::object::Object;
 use crate::page::{pf, Queue};
 use crate::vm::{Prot, Vm};
@@ -12,6 +15,8 @@ use crate::vpte::*;
 use smallvec::SmallVec;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+
+const PS: u64 = PAGE_SIZE as u64;
 
 /// One in-memory entry on the walk path, its table page held.
 pub(crate) struct PathEnt {
@@ -21,37 +26,77 @@ pub(crate) struct PathEnt {
     pindex: u64,
     frame: Frame,
     idx: usize,
+    /// The vpte as the walk read it: A/M go only into that same entry.
+    seen: Vpte,
+    /// The table page was resolved for write (it is this map's own copy);
+    /// otherwise A/M are not written.
+    writable: bool,
 }
 
 /// Result of a walk.
 pub(crate) struct Walk {
-    pub(crate) pindex: u64,
+    /// Frame number of the data page (checked by `target_entry`).
+    pub(crate) frame: u64,
     pub(crate) prot: Prot,
     path: SmallVec<[PathEnt; 4]>,
 }
 
-/// Walks from `master` through `levels` table levels. Invalid vpte at any
-/// level -> `Failure`; write and NX permission are ANDed across levels; a
-/// read fault maps read-only unless the leaf has RW|M (and every level RW).
-#[allow(clippy::too_many_arguments)]
+/// The `Normal` entry showing frame number `frame` of a window, and the
+/// address there. A frame beyond the bound, or an address no `Normal` entry
+/// covers, is a protection failure.
+pub(crate) fn target_entry<'g>(g: &'g MapInner, e: &MapEntry, frame: u64) -> Result<(&'g MapEntry, u64), FaultError> {
+    let MapType::VPageTable { target, target_pages, .. } = e.maptype else {
+        return Err(FaultError::Protection);
+    };
+    if frame >= target_pages {
+        return Err(FaultError::Protection);
+    }
+    let addr = frame.checked_mul(PS).and_then(|o| target.checked_add(o)).ok_or(FaultError::Protection)?;
+    match g.lookup(addr) {
+        Some(re) if re.maptype == MapType::Normal => Ok((re, addr)),
+        _ => Err(FaultError::Protection),
+    }
+}
+
+/// The first object, page index and protection for a fault needing
+/// `access` at `addr` of the `Normal` entry `re` (`vm_map_lookup`): a write
+/// to a needs-copy entry first gets its shadow (`Step::NeedsCopy`).
+pub(crate) fn lookup_normal(re: &MapEntry, addr: u64, access: Prot, prot: Prot) -> Step<(Arc<Object>, u64, Prot)> {
+    if !re.protection.contains(access) {
+        return Step::Err(FaultError::Protection);
+    }
+    let mut prot = prot & re.protection;
+    if re.needs_copy {
+        if access.writable() {
+            return Step::NeedsCopy(addr);
+        }
+        prot = prot.without(Prot::WRITE);
+    }
+    Step::Ok((re.object.arc().clone(), re.pindex(addr), prot))
+}
+
+/// Walks the window entry `e` from its master through its table levels.
+/// Invalid vpte at any level -> `Failure`; write and NX permission are
+/// ANDed across levels; a read fault maps read-only unless the leaf has
+/// RW|M (and every level RW).
 pub(crate) fn walk(
     fs: &mut Fs,
+    g: &MapInner,
     e: &MapEntry,
-    first: &Arc<Object>,
     va_pindex: u64,
-    master: Vpte,
-    levels: u32,
     fault_type: Prot,
     first_prot: Prot,
     timestamp: u64,
 ) -> Step<Walk> {
+    let MapType::VPageTable { master, levels, .. } = e.maptype else {
+        return Step::Err(FaultError::Protection);
+    };
     let vm = fs.vm;
     let mut vpte = master;
     let mut vshift = VPTE_PAGE_BITS * levels.clamp(1, VPTE_MAX_LEVELS);
     let mut write_ok = true;
     let mut nx = false;
     let mut path: SmallVec<[PathEnt; 4]> = SmallVec::new();
-    let pt_access = if e.protection.writable() { Prot::RW } else { Prot::READ };
     loop {
         if vpte & VPTE_V == 0 {
             return Step::Err(FaultError::Failure);
@@ -71,9 +116,20 @@ pub(crate) fn walk(
         if vpte & VPTE_PS != 0 || vshift == 0 {
             break;
         }
-        // Table pages come through the normal object path (may be paged out).
+        // Table pages come through the map, as a fault on their address
+        // would: the VM's own copy (COW'd before A/M go in), paged in if out.
+        let (re, addr) = match target_entry(g, e, vpte_pindex(vpte)) {
+            Ok(t) => t,
+            Err(err) => return Step::Err(err),
+        };
+        let writable = re.protection.writable();
+        let pt_access = if writable { Prot::RW } else { Prot::READ };
+        let (first, pindex, prot) = match lookup_normal(re, addr, pt_access, re.protection) {
+            Step::Ok(t) => t,
+            other => return other.cast(),
+        };
         let Found { g: mut og, obj, pindex, .. } =
-            match resolve(fs, e, first, vpte_pindex(vpte), pt_access, first_prot, timestamp) {
+            match resolve(fs, re, &first, pindex, pt_access, prot, timestamp, None) {
                 Step::Ok(f) => f,
                 other => return other.cast(),
             };
@@ -95,10 +151,12 @@ pub(crate) fn walk(
             return Step::Err(FaultError::Failure);
         };
         vpte = word.load(Ordering::Acquire);
-        path.push(PathEnt { _held: held, obj, pindex, frame, idx });
+        path.push(PathEnt { _held: held, obj, pindex, frame, idx, seen: vpte, writable });
     }
     let low = if vshift >= 64 { va_pindex } else { va_pindex & ((1u64 << vshift) - 1) };
-    let pindex = vpte_pindex(vpte).wrapping_add(low);
+    let Some(frame) = vpte_pindex(vpte).checked_add(low) else {
+        return Step::Err(FaultError::Protection);
+    };
     let mut prot = first_prot;
     if !write_ok || (!fault_type.writable() && vpte & (VPTE_RW | VPTE_M) != (VPTE_RW | VPTE_M)) {
         prot = prot.without(Prot::WRITE);
@@ -106,23 +164,30 @@ pub(crate) fn walk(
     if nx {
         prot = prot.without(Prot::EXEC);
     }
-    Step::Ok(Walk { pindex, prot, path })
+    Step::Ok(Walk { frame, prot, path })
 }
 
 /// After a successful fault, before its page is entered (the vCPU may run
 /// the moment it is): A on every in-memory entry of the path, M|A on a
-/// write; never on an entry whose V is clear (compare-and-swap against
-/// concurrent guest edits). Takes no object lock (the caller may hold the
-/// data page's); returns which path entries changed, for `dirty_tables`.
+/// write. Compare-and-swap against the value the walk read: an entry the
+/// guest has replaced since (V cleared, another frame or flags) gets
+/// nothing. Only tables resolved for write (this map's own copy) are
+/// written. Takes no object lock (the caller may hold the data page's);
+/// returns which path entries changed, for `dirty_tables`.
 pub(crate) fn set_accessed(vm: &Vm, w: &Walk, fault_type: Prot) -> u32 {
     let mut changed = 0;
     for (i, ent) in w.path.iter().enumerate() {
+        if !ent.writable {
+            continue;
+        }
         let Ok(word) = vm.pool.atomic_u64(ent.frame, ent.idx * 8) else {
             continue;
         };
         let mut cur = word.load(Ordering::Acquire);
         loop {
-            if cur & VPTE_V == 0 {
+            // Only the entry the walk used (A/M set by others meanwhile
+            // aside): one the guest has since replaced gets nothing.
+            if cur & !(VPTE_A | VPTE_M) != ent.seen & !(VPTE_A | VPTE_M) {
                 break;
             }
             let mut n = cur | VPTE_A;

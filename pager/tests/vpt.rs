@@ -19,8 +19,8 @@ fn setup(levels: u32) -> T {
     let vm = vm(4096);
     let m = machine(&vm);
     let o = vm.anonymous(OBJ_PAGES);
-    m.map.map_object(R, OBJ_PAGES * PS, o.clone(), 0, Prot::RW, Prot::ALL, Inherit::Share, false).unwrap();
-    m.map.map_vpagetable(V, 64 * PS, o, 0, levels).unwrap();
+    m.map.map_object(R, OBJ_PAGES * PS, o, 0, Prot::ALL, Prot::ALL, Inherit::Share, false).unwrap();
+    m.map.map_vpagetable(V, 64 * PS, R, OBJ_PAGES, levels).unwrap();
     for p in [105u64, 205, 300, 301, 305, 405] {
         m.write_u64(R + p * PS, marker(p)).unwrap();
     }
@@ -158,7 +158,7 @@ fn vpt_accessed_modified_rules() {
     assert!(t.m.pmap.pte(V + 5 * PS).unwrap().prot.writable());
     // The master is never written.
     let e = t.m.map.entries().into_iter().find(|e| e.start == V).unwrap();
-    assert_eq!(e.maptype, MapType::VPageTable { master, levels: 2 });
+    assert_eq!(e.maptype, MapType::VPageTable { master, levels: 2, target: R, target_pages: OBJ_PAGES });
     // RW|M already set: a read fault maps writable.
     set_ent(&t, 2, 6, vpte_make(301, VPTE_V | VPTE_RW | VPTE_M));
     t.m.read_u64(V + 6 * PS).unwrap();
@@ -246,8 +246,8 @@ fn vpt_walk_under_pageout_and_inval() {
     let vm = Vm::new(Config { free_target: 8, ..cfg(48) }).unwrap();
     let m = Arc::new(machine(&vm));
     let o = vm.anonymous(OBJ_PAGES);
-    m.map.map_object(R, OBJ_PAGES * PS, o.clone(), 0, Prot::RW, Prot::ALL, Inherit::Share, false).unwrap();
-    m.map.map_vpagetable(V, 64 * PS, o, 0, 3).unwrap();
+    m.map.map_object(R, OBJ_PAGES * PS, o, 0, Prot::ALL, Prot::ALL, Inherit::Share, false).unwrap();
+    m.map.map_vpagetable(V, 64 * PS, R, OBJ_PAGES, 3).unwrap();
     let t = T { vm: vm.clone(), m: SoftMachine::with(m.map.clone(), m.pmap.clone()) };
     for p in [300u64, 301] {
         t.m.write_u64(R + p * PS, marker(p)).unwrap();
@@ -332,8 +332,8 @@ fn vpt_accessed_and_modified_are_set_before_the_page_is_entered() {
     let pmap = Arc::new(LeafAtEnter { vm: vm.clone(), leaf: Default::default(), seen: Default::default() });
     let map = Map::new(&vm, pmap.clone());
     let o = vm.anonymous(OBJ_PAGES);
-    map.map_object(R, OBJ_PAGES * PS, o.clone(), 0, Prot::RW, Prot::ALL, Inherit::Share, false).unwrap();
-    map.map_vpagetable(V, 64 * PS, o, 0, 1).unwrap();
+    map.map_object(R, OBJ_PAGES * PS, o, 0, Prot::ALL, Prot::ALL, Inherit::Share, false).unwrap();
+    map.map_vpagetable(V, 64 * PS, R, OBJ_PAGES, 1).unwrap();
     // One level: the master points at table page 1, whose entry 3 maps page 300.
     write_guest(&map, R + PS + 3 * 8, &vpte_make(300, VPTE_V | VPTE_RW).to_le_bytes()).unwrap();
     write_guest(&map, R + 300 * PS, &marker(300).to_le_bytes()).unwrap();
@@ -346,4 +346,162 @@ fn vpt_accessed_and_modified_are_set_before_the_page_is_entered() {
     assert_eq!(seen.len(), 2, "{seen:x?}");
     assert_eq!(seen[0] & (VPTE_A | VPTE_M), VPTE_A, "read: A before the enter, no M: {seen:x?}");
     assert_eq!(seen[1] & (VPTE_A | VPTE_M), VPTE_A | VPTE_M, "write: M|A before the enter: {seen:x?}");
+}
+
+// ---- Windows after a fork: each VM's window translates within its own RAM.
+
+/// Maps the window at `V` over the RAM mapped at `R` (`OBJ_PAGES` pages).
+fn map_window(map: &Map, levels: u32) {
+    map.map_vpagetable(V, 64 * PS, R, OBJ_PAGES, levels).unwrap();
+}
+
+/// A VM as the VMM makes it: RAM copy-on-write on a fork, a window over it.
+fn setup_cow(levels: u32) -> T {
+    let vm = vm(4096);
+    let m = machine(&vm);
+    let o = vm.anonymous(OBJ_PAGES);
+    m.map.map_object(R, OBJ_PAGES * PS, o, 0, Prot::ALL, Prot::ALL, Inherit::Copy, false).unwrap();
+    map_window(&m.map, levels);
+    for p in [105u64, 205, 300, 301, 305, 405] {
+        m.write_u64(R + p * PS, marker(p)).unwrap();
+    }
+    T { vm, m }
+}
+
+fn fork_of(t: &T) -> T {
+    let cp = SoftPmap::new();
+    T { vm: t.vm.clone(), m: SoftMachine::with(t.m.map.fork(cp.clone()).unwrap(), cp) }
+}
+
+#[test]
+fn vpt_clone_write_through_window_stays_in_the_clone() {
+    let p = setup_cow(2);
+    build(&p, 2, 5, vpte_make(300, VPTE_V | VPTE_RW), VPTE_V | VPTE_RW);
+    assert_eq!(p.m.read_u64(V + 5 * PS).unwrap(), marker(300));
+    let c = fork_of(&p);
+    c.m.write_u64(V + 5 * PS, 0xC1).unwrap();
+    assert_eq!(c.m.read_u64(R + 300 * PS).unwrap(), 0xC1, "the clone's RAM shows its window write");
+    assert_eq!(p.m.read_u64(R + 300 * PS).unwrap(), marker(300), "the parent's RAM does not");
+    assert_eq!(p.m.read_u64(V + 5 * PS).unwrap(), marker(300), "nor does the parent's window");
+    // And the other way round.
+    p.m.write_u64(V + 5 * PS, 0xD0).unwrap();
+    assert_eq!(p.m.read_u64(R + 300 * PS).unwrap(), 0xD0);
+    assert_eq!(c.m.read_u64(R + 300 * PS).unwrap(), 0xC1);
+    assert_eq!(c.m.read_u64(V + 5 * PS).unwrap(), 0xC1);
+}
+
+#[test]
+fn vpt_parent_window_sees_its_ram_writes_after_a_fork() {
+    let p = setup_cow(3);
+    build(&p, 3, 5, vpte_make(300, VPTE_V | VPTE_RW), VPTE_V | VPTE_RW);
+    assert_eq!(p.m.read_u64(V + 5 * PS).unwrap(), marker(300));
+    let c = fork_of(&p);
+    p.m.write_u64(R + 300 * PS, 0xAA).unwrap();
+    assert_eq!(p.m.read_u64(V + 5 * PS).unwrap(), 0xAA, "stale window translation in the parent");
+    assert_eq!(c.m.read_u64(V + 5 * PS).unwrap(), marker(300), "the clone keeps the snapshot");
+    c.m.write_u64(R + 300 * PS, 0xBB).unwrap();
+    assert_eq!(c.m.read_u64(V + 5 * PS).unwrap(), 0xBB);
+    assert_eq!(p.m.read_u64(V + 5 * PS).unwrap(), 0xAA);
+}
+
+#[test]
+fn vpt_table_edits_after_a_fork_are_walked() {
+    let p = setup_cow(2);
+    build(&p, 2, 5, vpte_make(300, VPTE_V | VPTE_RW), VPTE_V | VPTE_RW);
+    assert_eq!(p.m.read_u64(V + 5 * PS).unwrap(), marker(300));
+    let c = fork_of(&p);
+    // The clone repoints the leaf in its own RAM; the parent keeps its own.
+    set_ent(&c, 2, 5, vpte_make(301, VPTE_V | VPTE_RW));
+    c.m.map.inval(V, 64 * PS).unwrap();
+    assert_eq!(c.m.read_u64(V + 5 * PS).unwrap(), marker(301), "the clone's walk read old tables");
+    p.m.map.inval(V, 64 * PS).unwrap();
+    assert_eq!(p.m.read_u64(V + 5 * PS).unwrap(), marker(300));
+    set_ent(&p, 2, 5, vpte_make(305, VPTE_V | VPTE_RW));
+    p.m.map.inval(V + 5 * PS, PS).unwrap();
+    assert_eq!(p.m.read_u64(V + 5 * PS).unwrap(), marker(305), "the parent's walk read old tables");
+    c.m.map.inval(V, 64 * PS).unwrap();
+    assert_eq!(c.m.read_u64(V + 5 * PS).unwrap(), marker(301));
+}
+
+#[test]
+fn vpt_accessed_modified_bits_stay_in_their_vm() {
+    let p = setup_cow(2);
+    build(&p, 2, 5, vpte_make(300, VPTE_V | VPTE_RW), VPTE_V | VPTE_RW);
+    let c = fork_of(&p);
+    c.m.read_u64(V + 5 * PS).unwrap();
+    c.m.write_u64(V + 5 * PS, 1).unwrap();
+    assert_eq!(ent(&c, 1, 0) & (VPTE_A | VPTE_M), VPTE_A | VPTE_M);
+    assert_eq!(ent(&c, 2, 5) & (VPTE_A | VPTE_M), VPTE_A | VPTE_M);
+    assert_eq!(ent(&p, 1, 0) & (VPTE_A | VPTE_M), 0, "the clone's A/M leaked into the parent's tables");
+    assert_eq!(ent(&p, 2, 5) & (VPTE_A | VPTE_M), 0, "the clone's A/M leaked into the parent's tables");
+    // A second clone of the parent sees clean tables too.
+    let c2 = fork_of(&p);
+    assert_eq!(ent(&c2, 2, 5) & (VPTE_A | VPTE_M), 0);
+    p.m.read_u64(V + 5 * PS).unwrap();
+    assert_eq!(ent(&p, 2, 5) & (VPTE_A | VPTE_M), VPTE_A);
+    assert_eq!(ent(&c2, 2, 5) & (VPTE_A | VPTE_M), 0, "the parent's A leaked into its clone's tables");
+    assert_eq!(ent(&c, 2, 5) & (VPTE_A | VPTE_M), VPTE_A | VPTE_M);
+}
+
+#[test]
+fn vpt_cow_leaves_no_stale_translation_of_the_old_frame() {
+    let p = setup_cow(2);
+    build(&p, 2, 5, vpte_make(300, VPTE_V | VPTE_RW), VPTE_V | VPTE_RW);
+    set_ent(&p, 2, 6, vpte_make(300, VPTE_V | VPTE_RW));
+    let _c = fork_of(&p);
+    // Read-shared through both window pages and RAM: one frame, the snapshot's.
+    assert_eq!(p.m.read_u64(V + 5 * PS).unwrap(), marker(300));
+    assert_eq!(p.m.read_u64(V + 6 * PS).unwrap(), marker(300));
+    assert_eq!(p.m.read_u64(R + 300 * PS).unwrap(), marker(300));
+    let old = p.m.pmap.extract(R + 300 * PS).unwrap();
+    // A COW through RAM: no window page may keep showing the old frame.
+    p.m.write_u64(R + 300 * PS, 0x77).unwrap();
+    for a in [V + 5 * PS, V + 6 * PS] {
+        assert_ne!(p.m.pmap.extract(a), Some(old), "stale window translation at {a:#x}");
+        assert_eq!(p.m.read_u64(a).unwrap(), 0x77);
+    }
+    // A COW through a window page: neither RAM nor the alias keeps the old one.
+    let p = setup_cow(2);
+    build(&p, 2, 5, vpte_make(300, VPTE_V | VPTE_RW), VPTE_V | VPTE_RW);
+    set_ent(&p, 2, 6, vpte_make(300, VPTE_V | VPTE_RW));
+    let _c = fork_of(&p);
+    assert_eq!(p.m.read_u64(V + 6 * PS).unwrap(), marker(300));
+    assert_eq!(p.m.read_u64(R + 300 * PS).unwrap(), marker(300));
+    let old = p.m.pmap.extract(R + 300 * PS).unwrap();
+    p.m.write_u64(V + 5 * PS, 0x88).unwrap();
+    for a in [R + 300 * PS, V + 6 * PS] {
+        assert_ne!(p.m.pmap.extract(a), Some(old), "stale translation at {a:#x}");
+        assert_eq!(p.m.read_u64(a).unwrap(), 0x88);
+    }
+}
+
+#[test]
+fn vpt_frames_outside_normal_entries_are_protection() {
+    let vm = vm(4096);
+    let m = machine(&vm);
+    let o = vm.anonymous(OBJ_PAGES);
+    m.map.map_object(R, OBJ_PAGES * PS, o, 0, Prot::ALL, Prot::ALL, Inherit::Copy, false).unwrap();
+    // The bound allows more than RAM: frames past RAM name unmapped
+    // addresses; a second window at the end of RAM is not RAM either.
+    m.map.map_vpagetable(V, 64 * PS, R, OBJ_PAGES + 64, 1).unwrap();
+    m.map.map_vpagetable(R + OBJ_PAGES * PS, 16 * PS, R, OBJ_PAGES, 1).unwrap();
+    let t = T { vm, m };
+    set_ent(&t, 1, 1, vpte_make(OBJ_PAGES - 1, VPTE_V | VPTE_RW));
+    set_ent(&t, 1, 2, vpte_make(OBJ_PAGES, VPTE_V | VPTE_RW));
+    set_ent(&t, 1, 3, vpte_make(OBJ_PAGES + 20, VPTE_V | VPTE_RW));
+    set_ent(&t, 1, 4, vpte_make(VPTE_FRAME >> 12, VPTE_V | VPTE_RW | VPTE_PS));
+    t.m.map.setmap(V, vpte_make(1, VPTE_V | VPTE_RW)).unwrap();
+    assert_eq!(t.m.read_u64(V + PS).unwrap(), 0);
+    assert_eq!(t.m.read_u64(V + 2 * PS).unwrap_err(), FaultError::Protection, "a window is no Normal entry");
+    assert_eq!(t.m.read_u64(V + 3 * PS).unwrap_err(), FaultError::Protection, "nothing mapped there");
+    assert_eq!(t.m.read_u64(V + 4 * PS).unwrap_err(), FaultError::Protection, "beyond the bound");
+    // A large page whose frame plus index overflows: no wrap-around.
+    t.m.map.setmap(V, vpte_make(VPTE_FRAME >> 12, VPTE_V | VPTE_RW | VPTE_PS)).unwrap();
+    assert_eq!(t.m.read_u64(V + 5 * PS).unwrap_err(), FaultError::Protection);
+    // Table pages are bounded the same way.
+    t.m.map.setmap(V, vpte_make(OBJ_PAGES + 1, VPTE_V | VPTE_RW)).unwrap();
+    assert_eq!(t.m.read_u64(V + PS).unwrap_err(), FaultError::Protection);
+    // A bad target range is refused.
+    assert_eq!(t.m.map.map_vpagetable(V + 128 * PS, PS, 1, 1, 1).unwrap_err(), MapError::BadRange);
+    assert_eq!(t.m.map.map_vpagetable(V + 128 * PS, PS, R, u64::MAX / 2, 1).unwrap_err(), MapError::BadRange);
 }

@@ -99,7 +99,7 @@ pub struct GuestRam {
     pub size: u64,
     /// `--map-file` regions, in command-line order.
     pub files: Vec<Region>,
-    /// VPAGETABLE windows over the RAM object; region index = position.
+    /// VPAGETABLE windows over guest RAM; region index = position.
     pub vpt: Vec<crate::vpagetable::Window>,
     ram_object: pager::ObjHandle,
     _pageout: Option<pager::PageoutDaemon>,
@@ -186,10 +186,11 @@ impl GuestRam {
         }
         // A window shows RAM frames wherever the guest's vptes point, so it
         // has no frames laid out in place: every page is mapped on a fault.
+        // Its vpte frame i is guest RAM page i as this VM (or clone) sees it.
         for w in &vpt {
             let what = format!("the VPAGETABLE window at {:#x}", w.gpa);
             view.add_region(w.gpa, w.len, None).map_err(|e| crash(&what, &e))?;
-            map.map_vpagetable(w.gpa, w.len, ram.clone(), 0, w.levels).map_err(|e| crash(&what, &e))?;
+            map.map_vpagetable(w.gpa, w.len, 0, pages, w.levels).map_err(|e| crash(&what, &e))?;
         }
         let vpt = vpt.into_iter().map(crate::vpagetable::Window::new).collect();
         let pageout = if cfg.phys_mem.is_some() {

@@ -21,12 +21,22 @@ pub fn run(shared: Arc<Shared>, mut vcpu: VcpuFd, id: u32) {
         // SAFETY: gettid has no side effects.
         slot.tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
     }
+    // The gpa of the previous exit if it was KVM_EXIT_MEMORY_FAULT.
+    let mut last_memory_fault = None;
     while !shared.finished() {
         let entered = recorder.map(|_| Instant::now());
         let result = vcpu.run();
         let returned = recorder.map(|_| Instant::now());
         let (reason, action) = match result {
-            Ok(exit) => handle_exit(&shared, id, exit),
+            Ok(exit) => {
+                let mf = match &exit {
+                    VcpuExit::MemoryFault { gpa, .. } => Some(*gpa),
+                    _ => None,
+                };
+                let again = mf.is_some() && mf == last_memory_fault;
+                last_memory_fault = mf;
+                handle_exit(&shared, id, exit, again)
+            }
             // EAGAIN: KVM returns it once when an AP leaves wait-for-SIPI.
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 shared.stats.exits.count(Reason::Interrupted);
@@ -107,7 +117,9 @@ enum Step {
     Clone(u64),
 }
 
-fn handle_exit(shared: &Shared, id: u32, exit: VcpuExit) -> (Reason, Step) {
+/// `memory_fault_again`: this exit is KVM_EXIT_MEMORY_FAULT for the same
+/// address as the exit just before it.
+fn handle_exit(shared: &Shared, id: u32, exit: VcpuExit, memory_fault_again: bool) -> (Reason, Step) {
     let reason = Reason::of(&exit);
     shared.stats.exits.count(reason);
     let crash = |msg: String| Step::Stop(Outcome::Crash(msg));
@@ -124,11 +136,7 @@ fn handle_exit(shared: &Shared, id: u32, exit: VcpuExit) -> (Reason, Step) {
             let mut buf = data.to_vec();
             guest_memory_exit(shared, addr, &mut buf, true)
         }
-        VcpuExit::MemoryFault { gpa, size, .. } => {
-            // KVM could not map these pages: resolve them, then re-enter.
-            let write = true;
-            resolve_range(shared, gpa, size.max(1), write).unwrap_or(Step::Continue)
-        }
+        VcpuExit::MemoryFault { gpa, size, .. } => memory_fault(shared, gpa, size.max(1), memory_fault_again),
         VcpuExit::MmioRead(addr, data) => {
             warn!("vcpu {id}: read of {} bytes at unbacked address {addr:#x}", data.len());
             data.fill(0xff);
@@ -220,6 +228,23 @@ fn resolve_range(shared: &Shared, gpa: u64, len: u64, write: bool) -> Option<Ste
         page += 0x1000;
     }
     None
+}
+
+/// KVM_EXIT_MEMORY_FAULT: KVM could not map these pages. The exit says
+/// which pages but not how they were accessed (its flags carry only
+/// KVM_MEMORY_EXIT_FLAG_PRIVATE; KVM defines no read/write/exec bits), so
+/// the pages are brought in for read (a refusal is the guest's read fault),
+/// then for write where the map allows it. A refused write is reported only
+/// when the same address exits again at once: the access was then a write.
+fn memory_fault(shared: &Shared, gpa: u64, len: u64, again: bool) -> Step {
+    if let Some(step) = resolve_range(shared, gpa, len, false) {
+        return step;
+    }
+    match resolve_range(shared, gpa, len, true) {
+        Some(Step::Inject(_)) if !again => Step::Continue,
+        Some(step) => step,
+        None => Step::Continue,
+    }
 }
 
 /// Exit delivery: an emulated guest access to an absent page of guest
