@@ -42,7 +42,8 @@ pub mod nr {
     pub const SETMAP: u16 = 7;
     /// args: [region, start offset, len] — MADV_INVAL for a VPAGETABLE region.
     pub const INVAL: u16 = 8;
-    /// Clone the VM (copy-on-write). ret = 0 in the parent, clone number >= 1 in a clone.
+    /// Clone the VM (copy-on-write). ret = 0 in the parent, clone number >= 1 in a clone;
+    /// -EAGAIN when `--max-clones` clones are alive, -ENOMEM when the host failed.
     pub const CLONE: u16 = 9;
 }
 
@@ -51,6 +52,11 @@ pub const EINVAL: i64 = 22;
 pub const EFAULT: i64 = 14;
 pub const ENOSYS: i64 = 38;
 pub const E2BIG: i64 = 7;
+/// A limit was reached (CLONE: `--max-clones` clones are alive); retry later.
+pub const EAGAIN: i64 = 11;
+/// The host could not provide what the call needs (CLONE: out of fds,
+/// threads or memory); vkvm then ends the run with status 3.
+pub const ENOMEM: i64 = 12;
 
 /// Longest console write accepted in one call.
 pub const MAX_CONSOLE: u64 = 4096;

@@ -10,7 +10,6 @@ use crate::error::Error;
 use crate::vm::{self, Outcome, Shared};
 use kvm_bindings::CpuId;
 use kvm_ioctls::VcpuFd;
-use log::info;
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::PathBuf;
@@ -145,7 +144,8 @@ impl CloneCtx {
             let clone_time = t0.elapsed();
             parent.ram.view.run_deferred();
             let parent_pause = t0.elapsed();
-            info!(
+            crate::limited!(
+                crate::ratelimit::CLONE_MADE,
                 "clone {id}: running after {:.3} ms; parent resumes after {:.3} ms (write-protecting {} MiB)",
                 clone_time.as_secs_f64() * 1e3,
                 parent_pause.as_secs_f64() * 1e3,

@@ -87,7 +87,10 @@ pub fn serve(
                     // An access the map does not allow: the vCPU gets an
                     // exception (it is kicked out of its wait, see vcpu.rs).
                     stats.guest_errors.fetch_add(1, Ordering::Relaxed);
-                    debug!("guest access at {gpa:#x} ({access:?}) refused: {e}");
+                    crate::limited!(
+                        crate::ratelimit::REFUSED_ACCESS,
+                        "guest access at {gpa:#x} ({access:?}) refused: {e}"
+                    );
                     if !on_guest_fault(GuestFault { gpa, write: access.writable(), tid, error: e }) {
                         on_error(format!("guest access at {gpa:#x} refused ({e}) by a thread that is not a vCPU"));
                     }

@@ -3,9 +3,9 @@
 //! Nothing a guest passes can make the VMM fail: errors go back in `ret`.
 
 use crate::abi::{self, nr};
+use crate::ratelimit;
 use crate::stats::TestResult;
 use crate::vm::Shared;
-use log::{debug, warn};
 
 /// What the vCPU loop does after a hypercall.
 #[derive(Debug, PartialEq, Eq)]
@@ -42,7 +42,10 @@ pub fn handle(shared: &Shared, cpu: u32, value: u32) -> Action {
     let raw = match read_guest(shared, gpa, abi::HC_BLOCK_SIZE as u64) {
         Ok(b) if gpa.is_multiple_of(8) => b,
         _ => {
-            warn!("vcpu {cpu}: hypercall block at {gpa:#x} is outside guest RAM or misaligned");
+            crate::limited!(
+                ratelimit::BAD_BLOCK,
+                "vcpu {cpu}: hypercall block at {gpa:#x} is outside guest RAM or misaligned"
+            );
             shared.stats.bad_hypercalls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Action::Continue;
         }
@@ -51,7 +54,8 @@ pub fn handle(shared: &Shared, cpu: u32, value: u32) -> Action {
     let version = u16::from_le_bytes([raw[4], raw[5]]);
     let b = Block { nr: u16::from_le_bytes([raw[6], raw[7]]), args: std::array::from_fn(|i| le64(&raw, 8 + 8 * i)) };
     let (ret, action) = if magic != abi::HC_MAGIC || version != abi::ABI_VERSION {
-        warn!(
+        crate::limited!(
+            ratelimit::BAD_VERSION,
             "vcpu {cpu}: hypercall block with magic {magic:#x} version {version}: expected ABI v{}",
             abi::ABI_VERSION
         );
@@ -94,7 +98,7 @@ fn dispatch(shared: &Shared, cpu: u32, b: &Block) -> (i64, Action) {
                 Ok(bytes) => {
                     let mut r = TestResult::decode(&bytes);
                     r.vm = shared.vm_id;
-                    debug!("vcpu {cpu}: test {} {}", r.name, r.status);
+                    crate::limited!(ratelimit::REPORTS, "vcpu {cpu}: test {} {}", r.name, r.status);
                     shared.tests.lock().unwrap_or_else(|e| e.into_inner()).push(r);
                     (0, Action::Continue)
                 }
@@ -110,7 +114,7 @@ fn dispatch(shared: &Shared, cpu: u32, b: &Block) -> (i64, Action) {
         nr::SETMAP => (crate::vpagetable::setmap(&shared.ram, a[0], a[1]), Action::Continue),
         nr::INVAL => (crate::vpagetable::inval(&shared.ram, a[0], a[1], a[2]), Action::Continue),
         other => {
-            warn!("vcpu {cpu}: unknown hypercall {other}");
+            crate::limited!(ratelimit::UNKNOWN_HYPERCALL, "vcpu {cpu}: unknown hypercall {other}");
             (-abi::ENOSYS, Action::Continue)
         }
     }

@@ -15,6 +15,7 @@ mod hypercall;
 mod memory;
 mod pmap;
 mod profile;
+mod ratelimit;
 mod stats;
 mod torture;
 mod uffd;

@@ -18,7 +18,6 @@
 //! contiguously, so neighbouring guest pages keep merging into one host VMA.
 
 use crate::uffd::{Mode, Uffd};
-use log::error;
 use pager::{Frame, Pmap, Prot, PAGE_SIZE};
 use parking_lot::Mutex;
 use std::io;
@@ -350,7 +349,10 @@ impl Pmap for View {
                 // sees map_errors grow.
                 self.stats.map_errors.fetch_add(1, Ordering::Relaxed);
                 *slot = NO_FRAME;
-                error!("cannot map frame {frame} at guest {addr:#x}: {e} (check vm.max_map_count)");
+                crate::limited!(
+                    crate::ratelimit::HOST_MAP,
+                    "cannot map frame {frame} at guest {addr:#x}: {e} (check vm.max_map_count)"
+                );
             }
         }
     }
@@ -369,7 +371,7 @@ impl Pmap for View {
         };
         if let Err(err) = check(r) {
             self.stats.map_errors.fetch_add(1, Ordering::Relaxed);
-            error!("cannot remove guest [{start:#x}, {end:#x}): {err}");
+            crate::limited!(crate::ratelimit::HOST_MAP, "cannot remove guest [{start:#x}, {end:#x}): {err}");
         }
         for s in &mut slots[s..e] {
             *s &= !(PRESENT | PENDING);
@@ -411,7 +413,11 @@ impl Pmap for View {
             };
             if let Err(err) = r {
                 self.stats.map_errors.fetch_add(1, Ordering::Relaxed);
-                error!("cannot write-protect guest {:#x}+{len:#x}: {err}", i as u64 * PS);
+                crate::limited!(
+                    crate::ratelimit::HOST_MAP,
+                    "cannot write-protect guest {:#x}+{len:#x}: {err}",
+                    i as u64 * PS
+                );
             }
             i += run;
         }

@@ -321,6 +321,7 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
         (Outcome::Exit(_), Err(e)) => Outcome::Crash(e.to_string()),
         (o, _) => o,
     };
+    crate::ratelimit::flush();
     let done = Finished { outcome, shared, elapsed: started.elapsed() };
     info!("guest finished in {:.3} s with status {}", done.elapsed.as_secs_f64(), done.status());
     if let Some(p) = &args.stats_json {
@@ -477,6 +478,7 @@ fn write_stats(path: &Path, done: &Finished) -> Result<(), Error> {
         "tests": tests,
         "unhandled_pio": shared.stats.exits.unhandled_pio.load(Ordering::Relaxed),
         "bad_hypercalls": shared.stats.bad_hypercalls.load(Ordering::Relaxed),
+        "log_suppressed": crate::ratelimit::suppressed(),
         "vcpus": shared.nr_vcpus,
         "elapsed_ms": done.elapsed.as_secs_f64() * 1e3,
         "faults": fault_stats(shared),
