@@ -99,7 +99,7 @@ fn dispatch(shared: &Shared, cpu: u32, b: &Block) -> (i64, Action) {
                     let mut r = TestResult::decode(&bytes);
                     r.vm = shared.vm_id;
                     crate::limited!(ratelimit::REPORTS, "vcpu {cpu}: test {} {}", r.name, r.status);
-                    shared.tests.lock().unwrap_or_else(|e| e.into_inner()).push(r);
+                    shared.tests.add(r);
                     (0, Action::Continue)
                 }
                 Err(e) => (e, Action::Continue),

@@ -243,7 +243,7 @@ pub fn command(args: &mut crate::cli::RunArgs, out: &std::path::Path) -> Result<
         "exit_status": done.status(),
         "exits": profile.to_json(),
         "fault_stages": profile.stages_json(),
-        "tests": *done.shared.tests.lock().unwrap_or_else(|e| e.into_inner()),
+        "tests": done.shared.tests.snapshot(),
     });
     let path = out.join("profile.json");
     let text = serde_json::to_string_pretty(&json).map_err(|e| Error::Crash(format!("profile JSON: {e}")))?;

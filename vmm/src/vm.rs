@@ -9,7 +9,7 @@ use crate::fault::{DeliveryStats, GuestFault};
 use crate::guest_image;
 use crate::memory::{self, GuestRam, MemConfig};
 use crate::pmap::Delivery;
-use crate::stats::{Stats, TestResult};
+use crate::stats::{Reports, Stats};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VmFd};
@@ -62,7 +62,7 @@ pub struct Shared {
     pub pc: Pc,
     pub stats: Stats,
     /// Test reports of this VM and all its clones (each tagged with its VM).
-    pub tests: Arc<Mutex<Vec<TestResult>>>,
+    pub tests: Arc<Reports>,
     /// 0 for the VM vkvm booted, 1.. for clones.
     pub vm_id: u32,
     /// What a CLONE hypercall needs (None in a clone of a clone's... never).
@@ -85,7 +85,7 @@ impl Shared {
         nr_vcpus: u32,
         tsc_khz: u32,
         console: Box<dyn std::io::Write + Send>,
-        tests: Arc<Mutex<Vec<TestResult>>>,
+        tests: Arc<Reports>,
         vm_id: u32,
         clones: Option<Arc<crate::clone::CloneCtx>>,
         profile: Option<crate::profile::Profile>,
@@ -295,7 +295,7 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
         args.vcpus,
         tsc_khz,
         Box::new(std::io::stdout()),
-        Arc::new(Mutex::new(Vec::new())),
+        Arc::new(Reports::default()),
         0,
         Some(clones.clone()),
         profiling.then(|| crate::profile::Profile::new(args.vcpus)),
@@ -471,11 +471,12 @@ pub fn fault_stats(shared: &Shared) -> serde_json::Value {
 fn write_stats(path: &Path, done: &Finished) -> Result<(), Error> {
     let shared = &done.shared;
     let pstats = shared.ram.vm.stats().snapshot();
-    let tests = shared.tests.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let tests = shared.tests.snapshot();
     let mut v = json!({
         "exit_status": done.status(),
         "exits": shared.stats.exits.snapshot(),
         "tests": tests,
+        "reports_suppressed": shared.tests.suppressed(),
         "unhandled_pio": shared.stats.exits.unhandled_pio.load(Ordering::Relaxed),
         "bad_hypercalls": shared.stats.bad_hypercalls.load(Ordering::Relaxed),
         "log_suppressed": crate::ratelimit::suppressed(),
