@@ -195,7 +195,7 @@ fn missing_module_and_modules_on_pvh_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let k = write(dir.path(), "mb.elf", &good_kernel());
     let r = run(&[s(&k), "--module", "/no/such/module"]);
-    assert_one_line_error(&r, 2, "cannot read module /no/such/module");
+    assert_one_line_error(&r, 2, "module /no/such/module: No such file");
     let g = bundled_guest(dir.path());
     let r = run(&[s(&g), "--module", s(&k)]);
     assert_one_line_error(&r, 2, "--module needs a Multiboot boot");

@@ -690,9 +690,11 @@ fn cow_clone(ctx: &Ctx) -> Outcome {
         // SAFETY: as above.
         unsafe { (a as *mut u64).write_volatile(pattern(a, mine)) };
     }
-    // Give the other VMs time to write theirs, so a leak would show.
+    // Give the other VMs time to write theirs, so a leak would show
+    // (`clone-wait=M`: millions of TSC cycles, default 200).
+    let wait = ctx.opt(b"clone-wait").and_then(parse_u64).unwrap_or(200).saturating_mul(1_000_000);
     let t0 = rdtsc();
-    while rdtsc() - t0 < 200_000_000 {
+    while rdtsc() - t0 < wait {
         core::hint::spin_loop();
     }
     for a in (start..end).step_by(8) {
@@ -738,8 +740,9 @@ fn hang(_ctx: &Ctx) -> Outcome {
 }
 
 /// A guest that tries to exhaust its host: CLONE far past `--max-clones`
-/// (`hostile-clones=N`, default 1000; first clones that stay alive a while,
-/// so the cap is reached, then clones that exit at once), a REPORT flood
+/// (`hostile-clones=N`, default 1000; first clones that stay alive until
+/// the parent is refused, so the cap is reached, then clones that exit at
+/// once), a REPORT flood
 /// over many test names (`hostile-reports`), unknown hypercalls
 /// (`hostile-calls`) and reads/writes of an unbacked address
 /// (`hostile-mmio`). Every answer must be the documented one: CLONE 0 or
@@ -753,7 +756,15 @@ fn hostile(ctx: &Ctx) -> Outcome {
     let knob = |k: &[u8], d: u64| ctx.opt(k).and_then(parse_u64).unwrap_or(d);
     let (clones, reports, calls, mmio) =
         (knob(b"hostile-clones", 1000), knob(b"hostile-reports", 0), knob(b"hostile-calls", 0), knob(b"hostile-mmio", 0));
-    let hold = knob(b"hostile-hold", 4_000_000_000);
+    // Clones made before the first refusal wait for it: on a flag in the
+    // first shared --map-file region if there is one (clones share it with
+    // the parent), else for `hostile-hold` TSC cycles; at most that long.
+    let flag = shared_region(ctx).map(|(gpa, _)| gpa as *mut u64);
+    let hold = knob(b"hostile-hold", if flag.is_some() { 60_000_000_000 } else { 4_000_000_000 });
+    if let Some(f) = flag {
+        // SAFETY: the first word of a writable region vkvm mapped for us.
+        unsafe { f.write_volatile(0) };
+    }
     let c = ctx.cpu;
     let (mut made, mut refused, mut first_refusal) = (0u64, 0u64, u64::MAX);
     for i in 0..clones {
@@ -763,7 +774,8 @@ fn hostile(ctx: &Ctx) -> Outcome {
             // the parent reaches the cap; afterwards exit at once.
             if first_refusal == u64::MAX {
                 let t0 = rdtsc();
-                while rdtsc() - t0 < hold {
+                // SAFETY: as above; the parent sets the flag.
+                while rdtsc() - t0 < hold && !flag.is_some_and(|f| unsafe { f.read_volatile() } != 0) {
                     core::hint::spin_loop();
                 }
             }
@@ -772,7 +784,13 @@ fn hostile(ctx: &Ctx) -> Outcome {
             made += 1;
         } else if r == -abi::EAGAIN {
             refused += 1;
-            first_refusal = first_refusal.min(i);
+            if first_refusal == u64::MAX {
+                first_refusal = i;
+                if let Some(f) = flag {
+                    // SAFETY: as above: the held clones may exit now.
+                    unsafe { f.write_volatile(1) };
+                }
+            }
             // Let exited clones be reclaimed before the next try.
             let t0 = rdtsc();
             while rdtsc() - t0 < 200_000 {
@@ -816,6 +834,15 @@ fn hostile(ctx: &Ctx) -> Outcome {
     out.count("clones", made).count("refused", refused).count("first_refusal", first_refusal);
     out.count("reports", reports).count("calls", calls).count("mmio", mmio);
     out
+}
+
+/// The first shared `--map-file` region (gpa, len), from `vkvm.files=`.
+fn shared_region(ctx: &Ctx) -> Option<(u64, u64)> {
+    ctx.opt(b"vkvm.files")?.split(|&c| c == b',').find_map(|r| {
+        let mut f = r.split(|&c| c == b':');
+        let (gpa, len, mode) = (f.next().and_then(parse_u64)?, f.next().and_then(parse_u64)?, f.next()?);
+        (mode == b"shared").then_some((gpa, len))
+    })
 }
 
 /// `file-write-hang`: fill every shared `--map-file` region with

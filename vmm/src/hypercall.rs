@@ -11,7 +11,7 @@ use crate::vm::Shared;
 #[derive(Debug, PartialEq, Eq)]
 pub enum Action {
     Continue,
-    Exit(u8),
+    Exit(u64),
     Park,
     /// Clone the VM; the block at this address gets each clone's number.
     Clone(u64),
@@ -105,7 +105,7 @@ fn dispatch(shared: &Shared, cpu: u32, b: &Block) -> (i64, Action) {
                 Err(e) => (e, Action::Continue),
             }
         }
-        nr::EXIT => (0, Action::Exit(a[0].min(255) as u8)),
+        nr::EXIT => (0, Action::Exit(a[0])),
         nr::TSC_KHZ => (shared.tsc_khz as i64, Action::Continue),
         nr::NR_VCPUS => (shared.nr_vcpus as i64, Action::Continue),
         nr::PARK => (0, Action::Park),

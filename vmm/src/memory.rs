@@ -82,6 +82,8 @@ pub struct MemConfig {
     /// Resident page budget in bytes (`--phys-mem`); default: all of RAM.
     pub phys_mem: Option<u64>,
     pub swap: Option<PathBuf>,
+    /// `--swap-reuse`: an existing non-empty `swap` may be overwritten.
+    pub swap_reuse: bool,
     pub swap_size: Option<u64>,
     /// Test only: failures injected into swap I/O.
     pub swap_fault: Option<crate::cli::SwapFault>,
@@ -103,6 +105,8 @@ pub struct GuestRam {
     pub vpt: Vec<crate::vpagetable::Window>,
     ram_object: pager::ObjHandle,
     _pageout: Option<pager::PageoutDaemon>,
+    /// The `--swap` file's lock, held for the run (see `inputs::lock_swap`).
+    _swap_lock: Option<std::fs::File>,
 }
 
 impl GuestRam {
@@ -142,14 +146,11 @@ impl GuestRam {
             }),
             ..pager::Config::default()
         };
-        if let (Some(p), Some(_)) = (&cfg.swap, cfg.phys_mem) {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .open(p)
-                .map_err(|e| Error::Config(format!("--swap {}: cannot create the swap file: {e}", p.display())))?;
-        }
+        // Checked and locked before the pager truncates it.
+        let swap_lock = match (&cfg.swap, cfg.phys_mem) {
+            (Some(p), Some(_)) => Some(crate::inputs::lock_swap(p, cfg.swap_reuse)?),
+            _ => None,
+        };
         let vm = Vm::new(pcfg).map_err(|e| Error::Crash(format!("cannot create the pager: {e}")))?;
         let uffd = open_uffd(cfg.delivery).map_err(|e| {
             Error::Config(format!(
@@ -198,7 +199,18 @@ impl GuestRam {
             None
         };
         info!("guest RAM: {} MiB, {:?} delivery, budget {} pages", cfg.size >> 20, cfg.delivery, budget);
-        Ok(GuestRam { vm, map, view, uffd, size: cfg.size, files: regions, vpt, ram_object: ram, _pageout: pageout })
+        Ok(GuestRam {
+            vm,
+            map,
+            view,
+            uffd,
+            size: cfg.size,
+            files: regions,
+            vpt,
+            ram_object: ram,
+            _pageout: pageout,
+            _swap_lock: swap_lock,
+        })
     }
 
     /// Every backed range of the guest-physical space, each with its own
@@ -245,6 +257,7 @@ impl GuestRam {
             vpt: self.vpt.iter().map(|w| crate::vpagetable::Window::new(w.spec)).collect(),
             ram_object: self.ram_object.clone(),
             _pageout: None,
+            _swap_lock: None,
         })
     }
 
@@ -334,9 +347,13 @@ impl GuestRam {
         Ok(())
     }
 
-    /// Populate every page now (`--prefault`).
-    pub fn prefault_all(&self) -> Result<(), Error> {
+    /// Populate every page now (`--prefault`); `check` runs every 1024
+    /// pages and may stop it (the run's timeout, a signal).
+    pub fn prefault_all(&self, check: impl Fn() -> Result<(), Error>) -> Result<(), Error> {
         for a in (0..self.size).step_by(4096) {
+            if (a >> 12).is_multiple_of(1024) {
+                check()?;
+            }
             pager::fault(&self.map, a, Prot::WRITE, pager::FaultFlags::NO_PREFAULT)
                 .map_err(|e| Error::Crash(format!("--prefault: guest page {a:#x}: {e}")))?;
         }
@@ -349,12 +366,7 @@ fn open_files(vm: &Arc<Vm>, cfg: &MemConfig) -> Result<Vec<(FileMap, u64, pager:
     let mut out: Vec<(FileMap, u64, pager::ObjHandle)> = Vec::new();
     for f in &cfg.files {
         let p = f.path.display();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(f.mode == FileMode::Shared)
-            .open(&f.path)
-            .map_err(|e| Error::Config(format!("--map-file {p}: cannot open: {e}")))?;
-        let flen = file.metadata().map_err(|e| Error::Config(format!("--map-file {p}: {e}")))?.len();
+        let (file, flen) = crate::inputs::open_regular(&f.path, "--map-file", f.mode == FileMode::Shared)?;
         if flen == 0 {
             return Err(Error::Config(format!("--map-file {p}: the file is empty")));
         }

@@ -90,6 +90,9 @@ struct Outcome {
 }
 
 pub fn command(run: &RunArgs, tests: &[String], seed: u64, json_out: Option<&Path>) -> Result<u8, Error> {
+    // The options every child gets: a bad one is one error now, not one per test.
+    run.validate(None)?;
+    let mut json_file = json_out.map(|p| crate::inputs::OutFile::create(p, "--json")).transpose()?;
     let chosen: Vec<&Torture> = if tests.is_empty() {
         SUITE.iter().collect()
     } else {
@@ -116,18 +119,27 @@ pub fn command(run: &RunArgs, tests: &[String], seed: u64, json_out: Option<&Pat
             b.enable_steady_tick(Duration::from_millis(120));
             b
         });
-        let r = run_one(&exe, run, t, seed)?;
+        let r = run_one(&exe, run, t, seed);
+        if let Some(b) = &bar {
+            if r.is_err() {
+                b.abandon();
+            }
+        }
+        let r = r?;
         match bar {
             Some(b) => b.finish_with_message(r.verdict.clone()),
-            None => eprintln!("{:<14} {} ({:.2} s)", t.name, r.verdict, r.elapsed.as_secs_f64()),
+            None => {
+                crate::status::eprint_line(&format!("{:<14} {} ({:.2} s)", t.name, r.verdict, r.elapsed.as_secs_f64()))
+            }
         }
         results.push(r);
     }
-    print!("{}", table(&results));
+    let mut text = table(&results);
     for r in results.iter().filter(|r| !r.pass && !r.detail.is_empty()) {
-        println!("{}: {}", r.name, r.detail);
+        text += &format!("{}: {}\n", r.name, r.detail);
     }
-    if let Some(p) = json_out {
+    crate::status::print(&text)?;
+    if let Some(f) = &mut json_file {
         let v: Vec<Value> = results
             .iter()
             .map(|r| {
@@ -139,12 +151,18 @@ pub fn command(run: &RunArgs, tests: &[String], seed: u64, json_out: Option<&Pat
             })
             .collect();
         let text = serde_json::to_string_pretty(&v).map_err(|e| Error::Crash(e.to_string()))?;
-        std::fs::write(p, text + "\n").map_err(Error::io(format!("cannot write {}", p.display())))?;
+        f.write(&(text + "\n"))?;
     }
     Ok(if results.iter().all(|r| r.pass) { 0 } else { 1 })
 }
 
+/// Run one test in a child `vkvm run`. A SIGINT/SIGTERM is forwarded to
+/// the child; once it has stopped, this returns `Error::Interrupted` and
+/// the scratch directory is removed (on drop) before vkvm exits.
 fn run_one(exe: &Path, run: &RunArgs, t: &Torture, seed: u64) -> Result<Outcome, Error> {
+    if let Some(sig) = crate::signals::pending() {
+        return Err(Error::Interrupted(sig));
+    }
     let dir = tempfile::tempdir().map_err(Error::io("cannot create a scratch directory"))?;
     let stats_path: PathBuf = dir.path().join("stats.json");
     let guest_test = if t.name == "swap-storm" { "write-verify" } else { t.name };
@@ -177,11 +195,14 @@ fn run_one(exe: &Path, run: &RunArgs, t: &Torture, seed: u64) -> Result<Outcome,
         cmd.arg(a.replace("{mem/4}", &mem4).replace("{file}", &file.display().to_string()));
     }
     let started = Instant::now();
-    let out = cmd.output().map_err(Error::io("cannot start vkvm run"))?;
+    let out = crate::child::run(&mut cmd, dir.path(), "run")?;
     let elapsed = started.elapsed();
+    if let Some(sig) = out.interrupted {
+        return Err(Error::Interrupted(sig));
+    }
     let stats: Value = crate::stats::read_json(&stats_path);
     let tests = stats["tests"].as_array().cloned().unwrap_or_default();
-    let code = out.status.code().unwrap_or(3);
+    let code = out.code.unwrap_or(3);
     let pass = code == 0 && !tests.is_empty() && tests.iter().all(|t| t["status"] == "pass");
     let detail = tests
         .iter()

@@ -72,14 +72,28 @@ pub fn run(shared: Arc<Shared>, mut vcpu: VcpuFd, id: u32) {
                 return;
             }
             Step::Clone(block) => {
+                use crate::clone::CloneError;
                 let r = match &shared.clones {
                     Some(ctx) => ctx.spawn(&shared, &vcpu, block),
-                    None => Err(crate::error::Error::Config("a clone cannot clone itself".into())),
+                    None => Err(CloneError::Refused(abi::EINVAL, "a clone cannot clone itself".into())),
                 };
-                if let Err(e) = r {
+                let errno = match r {
+                    Ok(()) => None,
                     // The guest learns through `ret`; the VM keeps running.
-                    crate::limited!(ratelimit::CLONE_REFUSED, "vcpu {id}: CLONE failed: {e}");
-                    let _ = shared.ram.write(block + 56, &(-crate::abi::EINVAL).to_le_bytes());
+                    Err(CloneError::Refused(errno, why)) => {
+                        crate::limited!(ratelimit::CLONE_REFUSED, "vcpu {id}: CLONE refused: {why}");
+                        Some(errno)
+                    }
+                    // The host could not make it: the guest is told, and the
+                    // run ends as a host failure (status 3).
+                    Err(CloneError::Host(e)) => {
+                        shared.finish(Outcome::Crash(format!("host failure during CLONE: {e}")));
+                        Some(abi::ENOMEM)
+                    }
+                };
+                if let Some(errno) = errno {
+                    shared.stats.bad_hypercalls.fetch_add(1, Ordering::Relaxed);
+                    let _ = shared.ram.write(block + 56, &(-errno).to_le_bytes());
                 }
             }
             Step::Inject(f) => {
