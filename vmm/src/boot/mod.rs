@@ -66,8 +66,6 @@ pub fn read_modules(args: &[String], mem_size: u64) -> Result<Vec<multiboot::Mod
         .collect()
 }
 
-const KERNEL_PATH_FIRST: bool = false;
-
 /// `--cmdline` alone must leave room for the NUL.
 pub fn check_cmdline(c: &str) -> Result<(), Error> {
     if c.len() >= CMDLINE_MAX {
@@ -81,7 +79,7 @@ pub fn check_cmdline(c: &str) -> Result<(), Error> {
 /// and QEMU give it (`-kernel K -append 'A B'` is `K A B`), then
 /// `--cmdline`, then vkvm's own words (`vkvm.files=`, `vkvm.vpt=`).
 pub fn guest_cmdline(plan: &Plan, kernel: &str, user: &str, vkvm: &str) -> Result<String, Error> {
-    let first = if matches!(plan, Plan::Multiboot(_)) && KERNEL_PATH_FIRST { kernel } else { "" };
+    let first = if matches!(plan, Plan::Multiboot(_)) { kernel } else { "" };
     let line =
         [first, user.trim(), vkvm.trim()].iter().filter(|w| !w.is_empty()).copied().collect::<Vec<_>>().join(" ");
     if line.len() >= CMDLINE_MAX {
