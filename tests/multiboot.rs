@@ -383,3 +383,33 @@ fn elf64_with_pvh_note_is_detected_as_pvh_first() {
     assert!(r.stderr().contains("by PVH"), "{}", r.stderr());
     assert!(!r.stdout().contains("via multiboot"), "{}", r.stdout());
 }
+
+/// vkvm's own lines about a debug-exit write go to stderr: with stderr (and
+/// stdout) closed the run still ends with the guest's status. Before: the
+/// write panicked the vCPU thread and the VM never stopped.
+#[test]
+fn closed_stdout_and_stderr_do_not_stop_the_run() {
+    need_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let k = write(dir.path(), "mb.elf", &good_kernel());
+    let mut child = std::process::Command::new(VKVM)
+        .args(["run", s(&k), "--timeout", "60"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > std::time::Duration::from_secs(90) {
+            child.kill().unwrap();
+            panic!("vkvm did not stop with its output closed");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(41));
+}
