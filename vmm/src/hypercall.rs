@@ -119,3 +119,145 @@ fn dispatch(shared: &Shared, cpu: u32, b: &Block) -> (i64, Action) {
         }
     }
 }
+
+/// Property test ("fuzzing kept in the tree") of the decoder: random and
+/// hostile blocks in the RAM of a real pager-backed guest memory (no KVM
+/// needed), every answer checked against the ABI. `PROPTEST_CASES=N` runs
+/// more than the 64 cases of CI.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::memory::{GuestRam, MemConfig};
+    use crate::pmap::Delivery;
+    use crate::stats::Reports;
+    use proptest::prelude::*;
+    use proptest::test_runner::TestRunner;
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    const RAM: u64 = 16 << 20;
+
+    fn shared() -> Shared {
+        let cfg = MemConfig {
+            size: RAM,
+            files: Vec::new(),
+            delivery: Delivery::Exit,
+            phys_mem: None,
+            swap: None,
+            swap_reuse: false,
+            swap_size: None,
+            swap_fault: None,
+            vpt: Vec::new(),
+            default_vpt: false,
+        };
+        let ram = Arc::new(GuestRam::new(&cfg).unwrap());
+        let reports = Arc::new(Reports::default());
+        Shared::new(ram, 1, 1_000_000, Box::new(std::io::sink()), reports, 0, None, None, None).unwrap()
+    }
+
+    fn arg() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            0u64..RAM,
+            (RAM - 8192)..(RAM + 8192),
+            4000u64..4200,
+            Just(abi::TEST_REPORT_SIZE as u64),
+            (u64::MAX - 8192)..=u64::MAX,
+            any::<u64>(),
+        ]
+    }
+
+    /// Where the block is: in RAM and aligned mostly, else any 32-bit value.
+    fn place() -> impl Strategy<Value = u32> {
+        prop_oneof![4 => (0u32..(RAM as u32 - 64) / 8).prop_map(|i| i * 8), 1 => any::<u32>()]
+    }
+
+    #[derive(Debug, Clone)]
+    struct Call {
+        at: u32,
+        magic: u32,
+        version: u16,
+        nr: u16,
+        args: [u64; 6],
+    }
+
+    fn call() -> impl Strategy<Value = Call> {
+        (
+            place(),
+            prop_oneof![9 => Just(abi::HC_MAGIC), 1 => any::<u32>()],
+            prop_oneof![9 => Just(abi::ABI_VERSION), 1 => any::<u16>()],
+            prop_oneof![4 => 0u16..12, 1 => any::<u16>()],
+            [arg(), arg(), arg(), arg(), arg(), arg()],
+        )
+            .prop_map(|(at, magic, version, nr, args)| Call { at, magic, version, nr, args })
+    }
+
+    /// Is `[gpa, gpa + len)` inside RAM (overflow included)?
+    fn in_ram(gpa: u64, len: u64) -> bool {
+        gpa.checked_add(len).is_some_and(|e| e <= RAM)
+    }
+
+    #[test]
+    fn every_block_gets_the_documented_answer() {
+        let s = shared();
+        TestRunner::new(crate::boot::fuzz::config())
+            .run(&call(), |c| {
+                let mut block = Vec::with_capacity(64);
+                block.extend_from_slice(&c.magic.to_le_bytes());
+                block.extend_from_slice(&c.version.to_le_bytes());
+                block.extend_from_slice(&c.nr.to_le_bytes());
+                for a in c.args {
+                    block.extend_from_slice(&a.to_le_bytes());
+                }
+                block.extend_from_slice(&0x5a5a_5a5a_5a5a_5a5au64.to_le_bytes());
+                let at = u64::from(c.at);
+                let placed = at.is_multiple_of(8) && in_ram(at, 64);
+                if placed {
+                    s.ram.write(at, &block).unwrap();
+                }
+                let bad_before = s.stats.bad_hypercalls.load(Ordering::Relaxed);
+                let action = handle(&s, 0, c.at);
+                if !placed {
+                    // Not a block vkvm can read: nothing is written, it is counted.
+                    prop_assert_eq!(action, Action::Continue);
+                    prop_assert_eq!(s.stats.bad_hypercalls.load(Ordering::Relaxed), bad_before + 1);
+                    return Ok(());
+                }
+                let mut r = [0u8; 8];
+                s.ram.read(at + 56, &mut r).unwrap();
+                let ret = i64::from_le_bytes(r);
+                let a = c.args;
+                let want: Option<i64> = if c.magic != abi::HC_MAGIC || c.version != abi::ABI_VERSION {
+                    Some(-abi::EINVAL)
+                } else {
+                    match c.nr {
+                        nr::VERSION => Some(1),
+                        nr::CONSOLE_WRITE if a[1] > abi::MAX_CONSOLE => Some(-abi::E2BIG),
+                        nr::CONSOLE_WRITE if !in_ram(a[0], a[1]) => Some(-abi::EFAULT),
+                        nr::CONSOLE_WRITE => Some(a[1] as i64),
+                        nr::REPORT if a[1] != abi::TEST_REPORT_SIZE as u64 => Some(-abi::EINVAL),
+                        nr::REPORT if !in_ram(a[0], a[1]) => Some(-abi::EFAULT),
+                        nr::REPORT | nr::EXIT | nr::PARK | nr::CLONE => Some(0),
+                        nr::NR_VCPUS => Some(1),
+                        nr::TSC_KHZ => Some(1_000_000),
+                        // No VPAGETABLE window here: every region index is bad.
+                        nr::SETMAP | nr::INVAL => Some(-abi::EINVAL),
+                        _ => Some(-abi::ENOSYS),
+                    }
+                };
+                prop_assert_eq!(Some(ret), want, "{:?}", c);
+                let expect_action = match (want, c.nr) {
+                    (Some(r), _) if r < 0 => Action::Continue,
+                    (_, nr::EXIT) => Action::Exit(a[0]),
+                    (_, nr::PARK) => Action::Park,
+                    (_, nr::CLONE) => Action::Clone(at),
+                    _ => Action::Continue,
+                };
+                prop_assert_eq!(action, expect_action);
+                prop_assert_eq!(s.stats.bad_hypercalls.load(Ordering::Relaxed), bad_before + u64::from(ret < 0));
+                Ok(())
+            })
+            .unwrap();
+        // However many REPORTs came, the results stay bounded.
+        assert!(s.tests.snapshot().len() <= crate::stats::MAX_RESULTS);
+    }
+}

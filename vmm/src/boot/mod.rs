@@ -6,6 +6,8 @@
 
 pub mod elf;
 pub mod firmware;
+#[cfg(test)]
+pub mod fuzz;
 pub mod multiboot;
 pub mod pvh;
 

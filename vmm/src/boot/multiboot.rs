@@ -82,6 +82,18 @@ pub struct Kernel {
     modules: Vec<(u64, Module)>,
 }
 
+#[cfg(test)]
+impl Kernel {
+    /// Where the kernel's segments and the modules go: [start, end) each.
+    pub fn placed(&self) -> Vec<(u64, u64)> {
+        let segs = self.segments.iter().map(|s| (s.paddr, s.paddr + s.memsz));
+        segs.chain(self.modules.iter().map(|(at, m)| (*at, at + m.data.len() as u64))).collect()
+    }
+    pub fn entry(&self) -> u32 {
+        self.entry
+    }
+}
+
 /// Offset of the first 4-byte aligned header magic in the first 8 KiB.
 pub fn find_header(image: &[u8]) -> Option<usize> {
     let end = image.len().min(SEARCH_LEN);
