@@ -5,8 +5,8 @@
 //! ([`pending`]) and wakes the monitor through an eventfd; the run then stops
 //! cleanly (vCPUs stopped, shared file maps written back, `--stats-json`
 //! written with `"interrupted": true`) and vkvm exits with 128 + N. A
-//! second signal ends the process at once. Child processes (torture, bench)
-//! start with an empty mask: std resets it before `exec`.
+//! second signal ends the process at once. std keeps the mask across
+//! `exec`, so `child::run` unblocks both in the children of torture and bench.
 
 use crate::error::Error;
 use std::sync::atomic::{AtomicI32, Ordering};
