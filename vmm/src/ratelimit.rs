@@ -108,6 +108,7 @@ pub static REFUSED_ACCESS: Limiter = Limiter::new("refused guest access", Debug)
 pub static UNCLAIMED_PORT: Limiter = Limiter::new("unclaimed port", Debug);
 pub static FIRMWARE_PORT: Limiter = Limiter::new("firmware error port", Debug);
 pub static HOST_MAP: Limiter = Limiter::new("host mapping error", log::Level::Error);
+pub static GUEST_STOP: Limiter = Limiter::new("guest stop port", Warn);
 
 /// Every limiter, for [`flush`] and [`suppressed`].
 static ALL: &[&Limiter] = &[
@@ -122,6 +123,7 @@ static ALL: &[&Limiter] = &[
     &UNCLAIMED_PORT,
     &FIRMWARE_PORT,
     &HOST_MAP,
+    &GUEST_STOP,
 ];
 
 /// Report what every limiter still holds back (at the end of a run).

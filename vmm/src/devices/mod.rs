@@ -42,12 +42,13 @@ impl Pc {
         match port {
             DEBUG_EXIT_PORT => {
                 let v = le_u32(data);
-                crate::status::eprint_line(&format!("vkvm: guest wrote {v} to the debug-exit port"));
+                // Once per VM, but a guest can make many clones.
+                crate::limited!(crate::ratelimit::GUEST_STOP, "guest wrote {v} to the debug-exit port");
                 PioOut::Exit(u64::from(v))
             }
             shutdown::BOCHS_SHUTDOWN_PORT => {
                 if data.iter().any(|&b| self.shutdown.write(b)) {
-                    crate::status::eprint_line("vkvm: guest wrote \"Shutdown\" to port 0x8900");
+                    crate::limited!(crate::ratelimit::GUEST_STOP, "guest wrote \"Shutdown\" to port 0x8900");
                     PioOut::Exit(0)
                 } else {
                     PioOut::Done
