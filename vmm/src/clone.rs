@@ -102,6 +102,17 @@ struct Record {
     faults: Value,
 }
 
+/// Runs the parent's deferred write-protection (see `GuestRam::fork`) when
+/// dropped, so that no return path of a CLONE leaves the parent writable
+/// over pages it now shares.
+struct ParentProtect<'a>(&'a crate::pmap::View);
+
+impl Drop for ParentProtect<'_> {
+    fn drop(&mut self) {
+        self.0.run_deferred();
+    }
+}
+
 /// The calling vCPU's state at the hypercall.
 struct VcpuState {
     regs: kvm_bindings::kvm_regs,
@@ -214,6 +225,9 @@ impl CloneCtx {
         let resident_bytes = parent.ram.view.present_count() as u64 * 4096;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let ram = Arc::new(parent.ram.fork()?);
+        // From here the parent's write-protection is deferred: it must run
+        // on every way out, a failure included.
+        let protect = ParentProtect(&parent.ram.view);
         let vm_fd = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM for a clone"))?;
         vm::register_memory(&vm_fd, &ram)?;
         vm::create_irqchip(&vm_fd)?;
@@ -244,7 +258,7 @@ impl CloneCtx {
         }));
         let threads = vm::start_threads(&shared, vec![v], self.uffd_poll)?;
         let clone_time = t0.elapsed();
-        parent.ram.view.run_deferred();
+        drop(protect);
         let parent_pause = t0.elapsed();
         crate::limited!(
             crate::ratelimit::CLONE_MADE,
