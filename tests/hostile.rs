@@ -169,3 +169,36 @@ fn a_host_failure_during_clone_is_a_clean_status_3() {
     assert!(stderr.contains("host failure during CLONE"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// Out of file descriptors at start, at every step: a clean status 3 with
+/// a one-line message (or a run that fits), never a panic or an abort.
+#[test]
+fn a_host_failure_at_start_is_a_clean_status_3() {
+    need_kvm!();
+    let mut failed = 0;
+    for n in 4..16u64 {
+        let mut cmd = std::process::Command::new(VKVM);
+        cmd.args(["run", "--memory", "64M", "--timeout", "60"]);
+        // SAFETY: setrlimit in the child before exec; nothing else runs there.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || {
+                let lim = libc::rlimit { rlim_cur: n, rlim_max: n };
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        match out.status.code() {
+            Some(0) => {}
+            Some(3) => {
+                failed += 1;
+                assert!(err.lines().any(|l| l.starts_with("vkvm: ")), "{n} fds: {err}");
+            }
+            other => panic!("{n} fds: status {other:?}: {err}"),
+        }
+        assert!(!err.contains("panicked"), "{n} fds: {err}");
+    }
+    assert!(failed > 0, "no limit made vkvm fail: the test tests nothing");
+}

@@ -12,6 +12,15 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+/// An error opening a file the user named: the user's to fix (status 2),
+/// unless the host is out of descriptors or memory (status 3).
+pub fn open_error(msg: String, e: &std::io::Error) -> Error {
+    match e.raw_os_error() {
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM) => Error::Crash(format!("{msg}: {e} (a host limit)")),
+        _ => Error::Config(format!("{msg}: {e}")),
+    }
+}
+
 /// What a non-regular file is, for the message.
 fn kind(m: &Metadata) -> &'static str {
     let t = m.file_type();
@@ -45,7 +54,7 @@ pub fn open_regular(path: &Path, what: &str, write: bool) -> Result<(File, u64),
         .write(write)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
-        .map_err(|e| Error::Config(format!("{what} {p}: cannot open: {e}")))?;
+        .map_err(|e| open_error(format!("{what} {p}: cannot open"), &e))?;
     let m = f.metadata().map_err(|e| Error::Config(format!("{what} {p}: {e}")))?;
     if !m.is_file() {
         return Err(bad(&m));
@@ -97,7 +106,7 @@ pub fn lock_swap(path: &Path, reuse: bool) -> Result<File, Error> {
         .create(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
-        .map_err(|e| cfg(format!("cannot create the swap file: {e}")))?;
+        .map_err(|e| open_error(format!("--swap {p}: cannot create the swap file"), &e))?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = std::io::Error::last_os_error();
@@ -141,7 +150,7 @@ impl OutFile {
             .create(true)
             .custom_flags(libc::O_NONBLOCK)
             .open(path)
-            .map_err(|e| Error::Config(format!("{flag} {p}: cannot create: {e}")))?;
+            .map_err(|e| open_error(format!("{flag} {p}: cannot create"), &e))?;
         Ok(OutFile { path: path.to_path_buf(), created: !existed, written: false })
     }
 

@@ -152,10 +152,11 @@ impl GuestRam {
             _ => None,
         };
         let vm = Vm::new(pcfg).map_err(|e| Error::Crash(format!("cannot create the pager: {e}")))?;
-        let uffd = open_uffd(cfg.delivery).map_err(|e| {
-            Error::Config(format!(
+        let uffd = open_uffd(cfg.delivery).map_err(|e| match e.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM) => Error::Crash(format!("cannot open a userfaultfd: {e}")),
+            _ => Error::Config(format!(
                 "userfaultfd is not usable here ({e}); use --fault-delivery exit or run as root / set vm.unprivileged_userfaultfd=1"
-            ))
+            )),
         })?;
         let ram = vm.anonymous(pages);
         let files = open_files(&vm, cfg)?;
@@ -422,6 +423,9 @@ pub fn uffd_features() -> u64 {
 pub fn pick_delivery() -> Delivery {
     match Uffd::new(uffd_features()) {
         Ok(_) => Delivery::Uffd,
+        // Out of descriptors or memory says nothing about userfaultfd:
+        // keep it, and let the real open report the host failure.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)) => Delivery::Uffd,
         Err(e) => {
             log::warn!("userfaultfd unavailable ({e}): using exit delivery");
             Delivery::Exit

@@ -183,7 +183,11 @@ impl Shared {
 pub fn open_kvm(path: &Path) -> Result<Kvm, Error> {
     let c = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| Error::Kvm(format!("{} is not a valid path", path.display())))?;
-    let kvm = Kvm::new_with_path(&c).map_err(|e| Error::Kvm(open_error(path, e.errno())))?;
+    let kvm = Kvm::new_with_path(&c).map_err(|e| match e.errno() {
+        // The host is out of descriptors or memory: not the user's to fix.
+        libc::EMFILE | libc::ENFILE | libc::ENOMEM => Error::Crash(format!("cannot open {}: {e}", path.display())),
+        errno => Error::Kvm(open_error(path, errno)),
+    })?;
     match kvm.get_api_version() {
         12 => Ok(kvm),
         v => Err(Error::Kvm(format!(
