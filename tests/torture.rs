@@ -32,7 +32,8 @@ fn matrix_slice_passes_with_features_combined() {
     need_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("m.json");
-    let o = torture(&["--matrix", "--slice", "3/8", "--memory", "64M", "--jobs", "2", "--json", json.to_str().unwrap()]);
+    let o =
+        torture(&["--matrix", "--slice", "3/8", "--memory", "64M", "--jobs", "2", "--json", json.to_str().unwrap()]);
     let (out, err) = text(&o);
     remove_kept(&out);
     assert_eq!(o.status.code(), Some(0), "{out}\n{err}");

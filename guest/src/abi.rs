@@ -30,7 +30,8 @@ pub mod nr {
     pub const CONSOLE_WRITE: u16 = 1;
     /// args: [report gpa, size of TestReport] — report a test result.
     pub const REPORT: u16 = 2;
-    /// args: [status] — stop the VM; vkvm exits with `status`.
+    /// args: [status] (any u64) — stop the VM; vkvm exits with it, or with 4
+    /// when it would collide with vkvm's own statuses (see STATUS_*).
     pub const EXIT: u16 = 3;
     /// ret = TSC frequency in kHz.
     pub const TSC_KHZ: u16 = 4;
@@ -42,7 +43,8 @@ pub mod nr {
     pub const SETMAP: u16 = 7;
     /// args: [region, start offset, len] — MADV_INVAL for a VPAGETABLE region.
     pub const INVAL: u16 = 8;
-    /// Clone the VM (copy-on-write). ret = 0 in the parent, clone number >= 1 in a clone.
+    /// Clone the VM (copy-on-write). ret = 0 in the parent, clone number >= 1 in a clone;
+    /// -EAGAIN when `--max-clones` clones are alive, -ENOMEM when the host failed.
     pub const CLONE: u16 = 9;
 }
 
@@ -51,6 +53,11 @@ pub const EINVAL: i64 = 22;
 pub const EFAULT: i64 = 14;
 pub const ENOSYS: i64 = 38;
 pub const E2BIG: i64 = 7;
+/// A limit was reached (CLONE: `--max-clones` clones are alive); retry later.
+pub const EAGAIN: i64 = 11;
+/// The host could not provide what the call needs (CLONE: out of fds,
+/// threads or memory); vkvm then ends the run with status 3.
+pub const ENOMEM: i64 = 12;
 
 /// Longest console write accepted in one call.
 pub const MAX_CONSOLE: u64 = 4096;
@@ -94,7 +101,10 @@ pub const TEST_REPORT_SIZE: usize = 24 + 16 + 16 * MAX_COUNTERS + 8 * MAX_COUNTE
 const _: () = assert!(core::mem::size_of::<HcBlock>() == HC_BLOCK_SIZE);
 const _: () = assert!(core::mem::size_of::<TestReport>() == TEST_REPORT_SIZE);
 
-/// Guest exit statuses (also vkvm's process exit status).
+/// The bundled guest's exit statuses. vkvm exits with 0 and 1 as they are;
+/// 2, 3 (which are also vkvm's own usage and crash statuses) and any status
+/// above 125 come out as 4, with the guest's value in `guest_exit_status`
+/// of `--stats-json` (README, "Exit status").
 pub const STATUS_PASS: u64 = 0;
 pub const STATUS_FAIL: u64 = 1;
 pub const STATUS_USAGE: u64 = 2;

@@ -61,6 +61,19 @@ unsafe fn copy_cmdline(addr: u64) -> &'static [u8] {
     }
 }
 
+/// A Multiboot loader (GRUB, QEMU, vkvm) starts the command line with the
+/// kernel's path, as argv[0]: drop that word. A first word with a `=` is an
+/// option, not a path (a loader that passes only the options).
+fn without_kernel_path(c: &'static [u8]) -> &'static [u8] {
+    let end = c.iter().position(|&b| b == b' ').unwrap_or(c.len());
+    if c[..end].contains(&b'=') {
+        return c;
+    }
+    let rest = &c[end..];
+    let skip = rest.iter().take_while(|&&b| b == b' ').count();
+    &rest[skip..]
+}
+
 /// The Multiboot v1 information structure (the fields we read).
 #[repr(C)]
 struct MultibootInfo {
@@ -88,7 +101,7 @@ pub fn parse_multiboot(addr: u64, image_end: u64) -> BootInfo {
     unsafe {
         let mb = &*(addr as *const MultibootInfo);
         if mb.flags & (1 << 2) != 0 {
-            bi.cmdline = copy_cmdline(mb.cmdline as u64);
+            bi.cmdline = without_kernel_path(copy_cmdline(mb.cmdline as u64));
         }
         if mb.flags & (1 << 3) != 0 {
             bi.modules = mb.mods_count;

@@ -37,6 +37,8 @@ pub static ALL: &[Test] = &[
     t("clone", "clone the VM; the tests after it run in every VM, each with its own seed", false, clone_first),
     t("clone-bench", "touch clone-mib MiB, then clone (vkvm times the clone)", false, clone_bench),
     t("bad-hypercall", "hostile hypercall arguments get error codes", false, bad_hypercall),
+    t("hostile", "CLONE past the cap, REPORT, unknown-hypercall and unbacked-access floods", false, hostile),
+    t("file-write-hang", "write a pattern over every shared --map-file region, say so, then hang", false, file_write_hang),
     t("crash", "ring-3 access to an unmapped address: the kernel reports a crash", false, crash),
     t("triple-fault", "wreck the IDT and fault: the VM shuts down", false, triple_fault),
     t("hang", "never finish (for --timeout)", false, hang),
@@ -168,6 +170,11 @@ pub fn report(cpu: usize, name: &str, out: &Outcome) {
     if !platform::is_vkvm() {
         return;
     }
+    report_raw(cpu, name.as_bytes(), out);
+}
+
+/// The REPORT hypercall alone (no console line); returns `ret`.
+fn report_raw(cpu: usize, name: &[u8], out: &Outcome) -> i64 {
     let mut r = TestReport {
         name: [0; abi::NAME_LEN],
         status: if out.pass { abi::TEST_PASS } else { abi::TEST_FAIL },
@@ -178,13 +185,13 @@ pub fn report(cpu: usize, name: &str, out: &Outcome) {
         counters: [0; abi::MAX_COUNTERS],
         detail: [0; abi::DETAIL_LEN],
     };
-    copy_str(&mut r.name, name.as_bytes());
+    copy_str(&mut r.name, name);
     for (i, &(k, v)) in out.counters[..out.n].iter().enumerate() {
         copy_str(&mut r.counter_names[i], k.as_bytes());
         r.counters[i] = v;
     }
     copy_str(&mut r.detail, out.detail.as_bytes());
-    hypercall(cpu, abi::nr::REPORT, &[&r as *const _ as u64, abi::TEST_REPORT_SIZE as u64]);
+    hypercall(cpu, abi::nr::REPORT, &[&r as *const _ as u64, abi::TEST_REPORT_SIZE as u64])
 }
 
 fn copy_str(dst: &mut [u8], src: &[u8]) {
@@ -744,9 +751,11 @@ fn cow_clone(ctx: &Ctx) -> Outcome {
         // SAFETY: as above.
         unsafe { (a as *mut u64).write_volatile(pattern(a, mine)) };
     }
-    // Give the other VMs time to write theirs, so a leak would show.
+    // Give the other VMs time to write theirs, so a leak would show
+    // (`clone-wait=M`: millions of TSC cycles, default 200).
+    let wait = ctx.opt(b"clone-wait").and_then(parse_u64).unwrap_or(200).saturating_mul(1_000_000);
     let t0 = rdtsc();
-    while rdtsc() - t0 < 200_000_000 {
+    while rdtsc() - t0 < wait {
         core::hint::spin_loop();
     }
     for a in (start..end).step_by(8) {
@@ -800,6 +809,143 @@ fn clone_bench(ctx: &Ctx) -> Outcome {
 }
 
 fn hang(_ctx: &Ctx) -> Outcome {
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// A guest that tries to exhaust its host: CLONE far past `--max-clones`
+/// (`hostile-clones=N`, default 1000; first clones that stay alive until
+/// the parent is refused, so the cap is reached, then clones that exit at
+/// once), a REPORT flood
+/// over many test names (`hostile-reports`), unknown hypercalls
+/// (`hostile-calls`) and reads/writes of an unbacked address
+/// (`hostile-mmio`). Every answer must be the documented one: CLONE 0 or
+/// -EAGAIN, REPORT 0, unknown -ENOSYS, an unbacked read all ones.
+fn hostile(ctx: &Ctx) -> Outcome {
+    let mut out = Outcome::new();
+    if !platform::is_vkvm() {
+        out.fail().s("needs vkvm's hypercalls");
+        return out;
+    }
+    let knob = |k: &[u8], d: u64| ctx.opt(k).and_then(parse_u64).unwrap_or(d);
+    let (clones, reports, calls, mmio) =
+        (knob(b"hostile-clones", 1000), knob(b"hostile-reports", 0), knob(b"hostile-calls", 0), knob(b"hostile-mmio", 0));
+    // Clones made before the first refusal wait for it: on a flag in the
+    // first shared --map-file region if there is one (clones share it with
+    // the parent), else for `hostile-hold` TSC cycles; at most that long.
+    let flag = shared_region(ctx).map(|(gpa, _)| gpa as *mut u64);
+    let hold = knob(b"hostile-hold", if flag.is_some() { 60_000_000_000 } else { 4_000_000_000 });
+    if let Some(f) = flag {
+        // SAFETY: the first word of a writable region vkvm mapped for us.
+        unsafe { f.write_volatile(0) };
+    }
+    let c = ctx.cpu;
+    let (mut made, mut refused, mut first_refusal) = (0u64, 0u64, u64::MAX);
+    for i in 0..clones {
+        let r = hypercall(c, abi::nr::CLONE, &[]);
+        if r > 0 {
+            // A clone: until the first refusal, stay alive a while so that
+            // the parent reaches the cap; afterwards exit at once.
+            if first_refusal == u64::MAX {
+                let t0 = rdtsc();
+                // SAFETY: as above; the parent sets the flag.
+                while rdtsc() - t0 < hold && !flag.is_some_and(|f| unsafe { f.read_volatile() } != 0) {
+                    core::hint::spin_loop();
+                }
+            }
+            platform::exit(c, 0);
+        } else if r == 0 {
+            made += 1;
+        } else if r == -abi::EAGAIN {
+            refused += 1;
+            if first_refusal == u64::MAX {
+                first_refusal = i;
+                if let Some(f) = flag {
+                    // SAFETY: as above: the held clones may exit now.
+                    unsafe { f.write_volatile(1) };
+                }
+            }
+            // Let exited clones be reclaimed before the next try.
+            let t0 = rdtsc();
+            while rdtsc() - t0 < 200_000 {
+                core::hint::spin_loop();
+            }
+        } else {
+            out.fail().s("CLONE ").dec(i).s(" answered -").dec(r.unsigned_abs());
+            return out;
+        }
+    }
+    for i in 0..reports {
+        let mut o = Outcome::new();
+        o.count("i", i);
+        let mut name = Line::new();
+        name.s("hostile-").dec(i % 4096);
+        let r = report_raw(c, name.as_bytes(), &o);
+        if r != 0 {
+            out.fail().s("REPORT ").dec(i).s(" answered -").dec(r.unsigned_abs());
+            return out;
+        }
+    }
+    for i in 0..calls {
+        let r = hypercall(c, 0x7000 + (i % 0x100) as u16, &[i]);
+        if r != -abi::ENOSYS {
+            out.fail().s("unknown hypercall answered ").dec(r as u64);
+            return out;
+        }
+    }
+    const UNBACKED: u64 = 0xe000_0000;
+    for _ in 0..mmio {
+        // SAFETY: an address no region backs; vkvm reads it as all ones and drops writes.
+        let v = unsafe {
+            (UNBACKED as *mut u32).write_volatile(0x1234_5678);
+            (UNBACKED as *const u32).read_volatile()
+        };
+        if v != u32::MAX {
+            out.fail().s("unbacked read gave ").hex(v as u64);
+            return out;
+        }
+    }
+    out.count("clones", made).count("refused", refused).count("first_refusal", first_refusal);
+    out.count("reports", reports).count("calls", calls).count("mmio", mmio);
+    out
+}
+
+/// The first shared `--map-file` region (gpa, len), from `vkvm.files=`.
+fn shared_region(ctx: &Ctx) -> Option<(u64, u64)> {
+    ctx.opt(b"vkvm.files")?.split(|&c| c == b',').find_map(|r| {
+        let mut f = r.split(|&c| c == b':');
+        let (gpa, len, mode) = (f.next().and_then(parse_u64)?, f.next().and_then(parse_u64)?, f.next()?);
+        (mode == b"shared").then_some((gpa, len))
+    })
+}
+
+/// `file-write-hang`: fill every shared `--map-file` region with
+/// `pattern(offset, seed)` bytes (the test on the host computes the same),
+/// print "file-write-hang: written", then never finish (the host stops vkvm
+/// with a signal and checks the file).
+fn file_write_hang(ctx: &Ctx) -> Outcome {
+    let mut out = Outcome::new();
+    let Some(list) = ctx.opt(b"vkvm.files") else {
+        out.fail().s("no vkvm.files on the command line (run with --map-file)");
+        return out;
+    };
+    for r in list.split(|&c| c == b',') {
+        let mut f = r.split(|&c| c == b':');
+        let (Some(gpa), Some(len), Some(mode)) = (f.next().and_then(parse_u64), f.next().and_then(parse_u64), f.next())
+        else {
+            out.fail().s("malformed vkvm.files entry");
+            return out;
+        };
+        if mode != b"shared" {
+            continue;
+        }
+        for off in (0..len).step_by(8) {
+            // SAFETY: a writable region vkvm mapped for us.
+            unsafe { ((gpa + off) as *mut u64).write_volatile(pattern(off, ctx.seed)) };
+        }
+    }
+    console_write(ctx.cpu, b"file-write-hang: written\n");
     loop {
         core::hint::spin_loop();
     }

@@ -70,13 +70,19 @@ pub fn command(
     qemu: &str,
     json_out: Option<&Path>,
 ) -> Result<u8, Error> {
+    // Every option is checked before the first run.
+    exe_args.validate(None)?;
+    if let Some(&bad) = clone_sizes.iter().find(|&&mib| mib == 0 || mib > 2048) {
+        return Err(Error::Config(format!("--clone-sizes {bad}: choose 1 to 2048 MiB")));
+    }
+    let mut json_file = json_out.map(|p| crate::inputs::OutFile::create(p, "--json")).transpose()?;
     let exe = std::env::current_exe().map_err(Error::io("cannot find the vkvm executable"))?;
     let dir = tempfile::tempdir().map_err(Error::io("cannot create a scratch directory"))?;
     let guest = dir.path().join("guest.elf");
     std::fs::write(&guest, crate::guest_image::BUNDLED).map_err(Error::io("cannot write the guest"))?;
     let have_qemu = Command::new(qemu).arg("--version").output().is_ok_and(|o| o.status.success());
     if !have_qemu {
-        eprintln!("vkvm bench: {qemu} not found: the QEMU column is left out");
+        crate::status::eprint_line(&format!("vkvm bench: {qemu} not found: the QEMU column is left out"));
     }
     let mem = exe_args.memory;
     // results[figure][mode] = medians of per-run values (cycles).
@@ -102,11 +108,10 @@ pub fn command(
     }
     let clone = clone_figures(&exe, &guest, runs, clone_sizes, dir.path())?;
     let khz = tsc_khz(&exe, &guest, dir.path())?;
-    print!("{}", table(&results, &clone, khz, runs));
-    if let Some(p) = json_out {
+    crate::status::print(&table(&results, &clone, khz, runs))?;
+    if let Some(f) = &mut json_file {
         let v = serde_json::json!({ "runs": runs, "tsc_khz": khz, "cycles": results, "clone": clone });
-        std::fs::write(p, serde_json::to_string_pretty(&v).unwrap_or_default() + "\n")
-            .map_err(Error::io(format!("cannot write {}", p.display())))?;
+        f.write(&(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"))?;
     }
     Ok(0)
 }
@@ -126,15 +131,14 @@ fn vkvm_run(
     dir: &Path,
 ) -> Result<u64, Error> {
     let stats = dir.join("stats.json");
-    let out = Command::new(exe)
-        .arg("run")
+    let mut cmd = Command::new(exe);
+    cmd.arg("run")
         .arg(guest)
         .args(["--memory", &mem.to_string(), "--timeout", "300", "--cmdline", cmdline])
         .args(args)
         .arg("--stats-json")
-        .arg(&stats)
-        .output()
-        .map_err(Error::io("cannot run vkvm"))?;
+        .arg(&stats);
+    let out = child(&mut cmd, dir)?;
     let v: Value = crate::stats::read_json(&stats);
     let tests = v["tests"].as_array().cloned().unwrap_or_default();
     counter_of(&tests, counter).ok_or_else(|| {
@@ -145,15 +149,24 @@ fn vkvm_run(
     })
 }
 
+/// A child run (vkvm or QEMU); a SIGINT/SIGTERM stops it and the bench.
+fn child(cmd: &mut Command, dir: &Path) -> Result<crate::child::ChildOutput, Error> {
+    let out = crate::child::run(cmd, dir, "child")?;
+    match out.interrupted {
+        Some(sig) => Err(Error::Interrupted(sig)),
+        None => Ok(out),
+    }
+}
+
 /// Run the same guest under QEMU and read `counter` from its result line.
 fn qemu_run(qemu: &str, guest: &Path, mem: u64, cmdline: &str, counter: &str) -> Result<u64, Error> {
-    let out = Command::new("timeout")
-        .args(["300", qemu, "-M", "microvm,x-option-roms=off,rtc=off", "-accel", "kvm"])
+    let mut cmd = Command::new("timeout");
+    cmd.args(["300", qemu, "-M", "microvm,x-option-roms=off,rtc=off", "-accel", "kvm"])
         .args(["-m", &format!("{}M", mem >> 20), "-nographic", "-no-reboot", "-kernel"])
         .arg(guest)
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-append", cmdline])
-        .output()
-        .map_err(Error::io("cannot run QEMU"))?;
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-append", cmdline]);
+    let dir = guest.parent().unwrap_or(Path::new("."));
+    let out = child(&mut cmd, dir)?;
     let text = String::from_utf8_lossy(&out.stdout);
     let key = format!("{counter}=");
     text.lines()
@@ -170,21 +183,17 @@ fn tsc_khz(exe: &Path, guest: &Path, dir: &Path) -> Result<u64, Error> {
 fn clone_figures(exe: &Path, guest: &Path, runs: u32, sizes: &[u64], dir: &Path) -> Result<Value, Error> {
     let mut out = serde_json::Map::new();
     for &mib in sizes {
-        if mib == 0 || mib > 2048 {
-            return Err(Error::Config(format!("--clone-sizes {mib}: choose 1 to 2048 MiB")));
-        }
         let (mut ready, mut pause, mut copy) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..runs {
             let stats = dir.join("clone.json");
-            Command::new(exe)
-                .arg("run")
+            let mut cmd = Command::new(exe);
+            cmd.arg("run")
                 .arg(guest)
                 .args(["--memory", &((mib + 256) << 20).to_string(), "--timeout", "300"])
                 .args(["--cmdline", &format!("tests=clone-bench clone-mib={mib}")])
                 .arg("--stats-json")
-                .arg(&stats)
-                .output()
-                .map_err(Error::io("cannot run vkvm"))?;
+                .arg(&stats);
+            child(&mut cmd, dir)?;
             let v: Value = crate::stats::read_json(&stats);
             let c = &v["clones"][0];
             let (Some(r), Some(p)) = (c["clone_ms"].as_f64(), c["parent_pause_ms"].as_f64()) else {

@@ -151,8 +151,9 @@ pub struct RunArgs {
     /// Guest command line; the bundled guest takes `tests=a,b,c`, `seed=N`.
     #[arg(long, default_value = "")]
     pub cmdline: String,
-    /// Stop a guest that has not exited after this many seconds (status 3).
-    #[arg(long, value_name = "SECONDS")]
+    /// Stop the run if the guest has not exited this many seconds after
+    /// vkvm started, set-up included (status 3); at most 2592000 (30 days).
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
     pub timeout: Option<f64>,
     /// Write exit counts, test results and statistics as JSON at exit.
     #[arg(long, value_name = "PATH")]
@@ -163,8 +164,11 @@ pub struct RunArgs {
     pub fault_delivery: FaultDelivery,
     /// Clones each CLONE hypercall makes (copy-on-write VMs resuming from
     /// the caller's state; the guest test `cow-clone` uses it).
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub clones: u32,
+    /// Clones alive at once; a CLONE beyond it gets -EAGAIN (the VM runs on).
+    #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_clones: u32,
     /// Busy-poll the userfaultfd instead of sleeping in poll(2).
     #[arg(long)]
     pub uffd_poll: bool,
@@ -185,10 +189,15 @@ pub struct RunArgs {
     /// levels at 0xC5000000.
     #[arg(long = "vpt-region", value_name = "GPA,SIZE[,levels=N]", value_parser = crate::vpagetable::parse_vpt_region)]
     pub vpt_regions: Vec<crate::vpagetable::VptSpec>,
-    /// Swap file (created; default: an unlinked temporary file).
+    /// Swap file (created if missing, locked for the run; default: an
+    /// unlinked temporary file). An existing non-empty file is refused
+    /// unless --swap-reuse is given.
     #[arg(long, value_name = "PATH")]
     pub swap: Option<PathBuf>,
-    /// Swap space (K/M/G); default twice the guest RAM.
+    /// Allow --swap to overwrite an existing non-empty file.
+    #[arg(long, requires = "swap")]
+    pub swap_reuse: bool,
+    /// Swap space (K/M/G, at least 1M); default twice the guest RAM.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub swap_size: Option<u64>,
     /// Test only: make swap I/O fail (read-eio, short-read, write-eio, nospace).
@@ -214,6 +223,20 @@ pub struct RunArgs {
 
 /// Smallest resident budget: the guest image, its stacks and page tables.
 pub const MIN_PHYS_MEM: u64 = 4 << 20;
+/// Smallest `--swap-size`: below it pageout has nowhere to go.
+pub const MIN_SWAP: u64 = 1 << 20;
+/// Longest `--timeout` (30 days): beyond it a timer is no limit at all, and
+/// absurd values (1e300) cannot make a Duration.
+pub const MAX_TIMEOUT: f64 = 30.0 * 24.0 * 3600.0;
+
+/// Parse `--timeout`: positive, finite, at most [`MAX_TIMEOUT`] seconds.
+pub fn parse_timeout(s: &str) -> Result<f64, String> {
+    let t: f64 = s.trim().parse().map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if !(t > 0.0 && t <= MAX_TIMEOUT) {
+        return Err(format!("'{s}': give more than 0 and at most {MAX_TIMEOUT} seconds (30 days)"));
+    }
+    Ok(t)
+}
 
 /// Parse a guest-physical address: `0x...`, decimal, or a size (`3G`).
 pub fn parse_addr(s: &str) -> Result<u64, String> {
@@ -268,21 +291,38 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
 }
 
+/// `n` bytes in MiB, exactly (up to 8 decimals, no trailing zeros).
+fn mib(n: u64) -> String {
+    let s = format!("{:.8}", n as f64 / (1u64 << 20) as f64);
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
 impl RunArgs {
-    pub fn validate(&self, max_vcpus: u32) -> Result<(), Error> {
+    /// Check what can be checked without the guest: everything but the
+    /// image and the files. `max_vcpus` is KVM's limit when known.
+    pub fn validate(&self, max_vcpus: Option<u32>) -> Result<(), Error> {
         if !self.memory.is_multiple_of(4096) {
             return Err(Error::Config(format!("--memory {} is not a multiple of 4 KiB", self.memory)));
         }
         if self.memory > crate::vm::MAX_MEMORY {
             return Err(Error::Config(format!(
-                "--memory {} MiB is above the supported 3072 MiB (RAM sits below the 32-bit MMIO hole)",
-                self.memory >> 20
+                "--memory {} bytes ({} MiB) is above the limit of {} MiB (RAM sits below the 32-bit MMIO hole)",
+                self.memory,
+                mib(self.memory),
+                crate::vm::MAX_MEMORY >> 20
             )));
         }
-        if self.vcpus == 0 || self.vcpus > max_vcpus {
+        if self.vcpus == 0 || max_vcpus.is_some_and(|m| self.vcpus > m) {
+            let range = match max_vcpus {
+                Some(m) => format!("1 to {m} on this host (KVM's maximum)"),
+                None => "1 to KVM's maximum on this host".into(),
+            };
+            return Err(Error::Config(format!("--vcpus {} is out of range: {range}", self.vcpus)));
+        }
+        if self.clones > self.max_clones {
             return Err(Error::Config(format!(
-                "--vcpus {} is out of range: 1 to {max_vcpus} on this host",
-                self.vcpus
+                "--clones {} is above --max-clones {}: no CLONE could succeed",
+                self.clones, self.max_clones
             )));
         }
         if let Some(p) = self.phys_mem {
@@ -298,28 +338,37 @@ impl RunArgs {
                 "--swap and --swap-size need --phys-mem: without a resident budget nothing is paged out".into(),
             ));
         }
-        if let Some(t) = self.timeout {
-            if !(t > 0.0 && t.is_finite()) {
-                return Err(Error::Config(format!("--timeout {t} must be a positive number of seconds")));
+        if let Some(s) = self.swap_size {
+            if s < MIN_SWAP || !s.is_multiple_of(4096) {
+                return Err(Error::Config(format!(
+                    "--swap-size {s} must be a multiple of 4 KiB and at least {} MiB",
+                    MIN_SWAP >> 20
+                )));
             }
+        }
+        if let Some(t) = self.timeout {
+            parse_timeout(&t.to_string()).map_err(|e| Error::Config(format!("--timeout {e}")))?;
         }
         if self.boot_info_corrupt.is_some() && self.boot != crate::boot::BootMode::Firmware {
             return Err(Error::Config("--boot-info-corrupt only applies to --boot firmware".into()));
         }
-        if self.cmdline.len() >= crate::boot::CMDLINE_MAX {
-            return Err(Error::Config(format!(
-                "--cmdline is {} bytes, the limit is {}",
-                self.cmdline.len(),
-                crate::boot::CMDLINE_MAX - 1
-            )));
-        }
-        Ok(())
+        crate::boot::check_cmdline(&self.cmdline)
     }
 }
 
 #[cfg(test)]
 mod test {
-    use super::parse_size;
+    use super::*;
+
+    #[test]
+    fn timeouts_are_positive_finite_and_capped() {
+        assert_eq!(parse_timeout("1.5"), Ok(1.5));
+        for bad in ["0", "-1", "nan", "inf", "1e300", "2592001", "soon"] {
+            assert!(parse_timeout(bad).is_err(), "{bad}");
+        }
+        assert_eq!(mib(3 << 30), "3072");
+        assert_eq!(mib((3 << 30) + 4096), "3072.00390625");
+    }
 
     #[test]
     fn slices_and_durations_parse() {

@@ -17,6 +17,9 @@ pub enum Error {
     Io { context: String, source: std::io::Error },
     #[error("KVM: {context}: {source}")]
     KvmIoctl { context: String, source: kvm_ioctls::Error },
+    /// SIGINT or SIGTERM (before a guest ran, or in torture/bench): status 128 + N.
+    #[error("stopped by {}", crate::signals::name(*.0))]
+    Interrupted(i32),
 }
 
 impl Error {

@@ -31,6 +31,28 @@ pub struct GuestFault {
     pub error: pager::FaultError,
 }
 
+/// Tells a fault thread to end, and wakes it from its poll at once (so a
+/// clone's thread is reclaimed without waiting for the poll timeout).
+pub struct Stop {
+    flag: AtomicBool,
+    evt: vmm_sys_util::eventfd::EventFd,
+}
+
+impl Stop {
+    pub fn new() -> std::io::Result<Stop> {
+        let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        Ok(Stop { flag: AtomicBool::new(false), evt })
+    }
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::Relaxed);
+        // A wake-up only: the flag is what the thread checks.
+        let _ = self.evt.write(1);
+    }
+    pub fn stopped(&self) -> bool {
+        self.flag.load(Ordering::Relaxed)
+    }
+}
+
 #[derive(Default)]
 pub struct DeliveryStats {
     pub events: AtomicU64,
@@ -42,7 +64,7 @@ pub struct DeliveryStats {
 pub fn serve(
     ram: Arc<GuestRam>,
     stats: Arc<DeliveryStats>,
-    stop: Arc<AtomicBool>,
+    stop: Arc<Stop>,
     busy_poll: bool,
     on_error: impl Fn(String),
     on_guest_fault: impl Fn(GuestFault) -> bool,
@@ -54,11 +76,14 @@ pub fn serve(
     let mut events = [Event::Other(0); 16];
     let mut last_gpa = u64::MAX;
     let mut around = AROUND_MIN;
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.stopped() {
         if !busy_poll {
-            let mut pfd = libc::pollfd { fd: uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: polling one descriptor we own.
-            unsafe { libc::poll(&mut pfd, 1, 100) };
+            let mut pfd = [
+                libc::pollfd { fd: uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: stop.evt.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            ];
+            // SAFETY: polling two descriptors we own.
+            unsafe { libc::poll(pfd.as_mut_ptr(), 2, 100) };
         }
         let woke = Instant::now();
         let n = match uffd.read_events(&mut events) {
@@ -87,7 +112,10 @@ pub fn serve(
                     // An access the map does not allow: the vCPU gets an
                     // exception (it is kicked out of its wait, see vcpu.rs).
                     stats.guest_errors.fetch_add(1, Ordering::Relaxed);
-                    debug!("guest access at {gpa:#x} ({access:?}) refused: {e}");
+                    crate::limited!(
+                        crate::ratelimit::REFUSED_ACCESS,
+                        "guest access at {gpa:#x} ({access:?}) refused: {e}"
+                    );
                     if !on_guest_fault(GuestFault { gpa, write: access.writable(), tid, error: e }) {
                         on_error(format!("guest access at {gpa:#x} refused ({e}) by a thread that is not a vCPU"));
                     }
@@ -99,7 +127,12 @@ pub fn serve(
                     // blocked until the VM ends.
                     debug!("guest fault at {gpa:#x} ({access:?}) failed: {e}");
                     let why = match e {
-                        pager::FaultError::NoMemory => " (no frame could be freed: swap full or failing?)",
+                        pager::FaultError::NoMemory if ram.vm.swap().is_some() => {
+                            " (no frame could be freed: swap full or failing?)"
+                        }
+                        pager::FaultError::NoMemory => {
+                            " (no frame could be freed, and there is no swap: see --phys-mem)"
+                        }
                         _ => "",
                     };
                     on_error(format!("guest page {gpa:#x} could not be brought in: {e}{why}"));

@@ -22,5 +22,5 @@ pub fn write(path: &Path, format: Format) -> Result<(), Error> {
         Format::Pvh => BUNDLED,
         Format::Multiboot => BUNDLED32,
     };
-    std::fs::write(path, bytes).map_err(Error::io(format!("cannot write {}", path.display())))
+    std::fs::write(path, bytes).map_err(|e| Error::Config(format!("--output {}: {e}", path.display())))
 }

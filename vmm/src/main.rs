@@ -4,6 +4,7 @@
 mod abi;
 mod bench;
 mod boot;
+mod child;
 mod cli;
 mod clone;
 mod devices;
@@ -12,10 +13,14 @@ mod exit;
 mod fault;
 mod guest_image;
 mod hypercall;
+mod inputs;
 mod memory;
 mod pmap;
 mod profile;
+mod ratelimit;
+mod signals;
 mod stats;
+mod status;
 mod torture;
 mod uffd;
 mod vcpu;
@@ -27,34 +32,19 @@ use error::Error;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // --timeout counts from here: set-up is part of the run.
+    let started = std::time::Instant::now();
     let cli = cli::Cli::parse();
     env_logger::Builder::new()
         .filter_level(cli.log_level())
         .format_timestamp(None)
         .target(env_logger::Target::Stderr)
         .init();
-    let status = match cli.command {
-        cli::Command::Run(args) => vm::run(&args),
-        cli::Command::Torture { list: true, .. } => {
-            print!("{}", torture::list());
-            Ok(0)
-        }
-        cli::Command::Torture { tests, seed, json, run, matrix, slice, soak, jobs, .. } => {
-            torture::dispatch(&run, &tests, seed, json.as_deref(), matrix, slice, soak, jobs as usize)
-        }
-        cli::Command::Bench { runs, clone_sizes, qemu, json, run } => {
-            bench::command(&run, runs.max(1), &clone_sizes, &qemu, json.as_deref())
-        }
-        cli::Command::Profile { mut run, out } => profile::command(&mut run, &out),
-        cli::Command::Guest { output, format } => guest_image::write(&output, format).map(|()| 0),
-        cli::Command::Firmware { output } => std::fs::write(&output, boot::firmware::ROM)
-            .map(|()| 0)
-            .map_err(Error::io(format!("cannot write {}", output.display()))),
-    };
+    let status = command(cli.command, started);
     match status {
         Ok(s) => ExitCode::from(s),
         Err(e) => {
-            eprintln!("vkvm: {e}");
+            status::eprint_line(&format!("vkvm: {e}"));
             ExitCode::from(e.status())
         }
     }
@@ -64,12 +54,35 @@ fn main() -> ExitCode {
 pub type Status = u8;
 
 impl Error {
-    /// 2: usage or configuration error; 3: VMM or guest crash.
+    /// 2: usage or configuration error; 3: VMM, host or guest failure.
     pub fn status(&self) -> Status {
-        if self.is_config() {
-            abi::STATUS_USAGE as u8
-        } else {
-            abi::STATUS_CRASH as u8
+        match self {
+            Error::Interrupted(sig) => status::of_signal(*sig),
+            e if e.is_config() => status::USAGE,
+            _ => status::CRASH,
         }
+    }
+}
+
+fn command(c: cli::Command, started: std::time::Instant) -> Result<Status, Error> {
+    use cli::Command as C;
+    // Commands that run guests stop them cleanly on SIGINT/SIGTERM.
+    if matches!(c, C::Run(_) | C::Profile { .. } | C::Bench { .. } | C::Torture { list: false, .. }) {
+        signals::install()?;
+    }
+    match c {
+        C::Run(args) => vm::run(&args, started),
+        C::Torture { list: true, .. } => status::print(&torture::list()).map(|()| 0),
+        C::Torture { tests, seed, json, run, matrix, slice, soak, jobs, .. } => {
+            torture::dispatch(&run, &tests, seed, json.as_deref(), matrix, slice, soak, jobs as usize)
+        }
+        C::Bench { runs, clone_sizes, qemu, json, run } => {
+            bench::command(&run, runs.max(1), &clone_sizes, &qemu, json.as_deref())
+        }
+        C::Profile { mut run, out } => profile::command(&mut run, &out, started),
+        C::Guest { output, format } => guest_image::write(&output, format).map(|()| 0),
+        C::Firmware { output } => std::fs::write(&output, boot::firmware::ROM)
+            .map(|()| 0)
+            .map_err(|e| Error::Config(format!("--output {}: {e}", output.display()))),
     }
 }

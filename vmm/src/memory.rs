@@ -82,6 +82,8 @@ pub struct MemConfig {
     /// Resident page budget in bytes (`--phys-mem`); default: all of RAM.
     pub phys_mem: Option<u64>,
     pub swap: Option<PathBuf>,
+    /// `--swap-reuse`: an existing non-empty `swap` may be overwritten.
+    pub swap_reuse: bool,
     pub swap_size: Option<u64>,
     /// Test only: failures injected into swap I/O.
     pub swap_fault: Option<crate::cli::SwapFault>,
@@ -103,6 +105,8 @@ pub struct GuestRam {
     pub vpt: Vec<crate::vpagetable::Window>,
     ram_object: pager::ObjHandle,
     _pageout: Option<pager::PageoutDaemon>,
+    /// The `--swap` file's lock, held for the run (see `inputs::lock_swap`).
+    _swap_lock: Option<std::fs::File>,
 }
 
 impl GuestRam {
@@ -142,19 +146,17 @@ impl GuestRam {
             }),
             ..pager::Config::default()
         };
-        if let (Some(p), Some(_)) = (&cfg.swap, cfg.phys_mem) {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .open(p)
-                .map_err(|e| Error::Config(format!("--swap {}: cannot create the swap file: {e}", p.display())))?;
-        }
+        // Checked and locked before the pager truncates it.
+        let swap_lock = match (&cfg.swap, cfg.phys_mem) {
+            (Some(p), Some(_)) => Some(crate::inputs::lock_swap(p, cfg.swap_reuse)?),
+            _ => None,
+        };
         let vm = Vm::new(pcfg).map_err(|e| Error::Crash(format!("cannot create the pager: {e}")))?;
-        let uffd = open_uffd(cfg.delivery).map_err(|e| {
-            Error::Config(format!(
+        let uffd = open_uffd(cfg.delivery).map_err(|e| match e.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM) => Error::Crash(format!("cannot open a userfaultfd: {e}")),
+            _ => Error::Config(format!(
                 "userfaultfd is not usable here ({e}); use --fault-delivery exit or run as root / set vm.unprivileged_userfaultfd=1"
-            ))
+            )),
         })?;
         let ram = vm.anonymous(pages);
         let files = open_files(&vm, cfg)?;
@@ -199,7 +201,18 @@ impl GuestRam {
             None
         };
         info!("guest RAM: {} MiB, {:?} delivery, budget {} pages", cfg.size >> 20, cfg.delivery, budget);
-        Ok(GuestRam { vm, map, view, uffd, size: cfg.size, files: regions, vpt, ram_object: ram, _pageout: pageout })
+        Ok(GuestRam {
+            vm,
+            map,
+            view,
+            uffd,
+            size: cfg.size,
+            files: regions,
+            vpt,
+            ram_object: ram,
+            _pageout: pageout,
+            _swap_lock: swap_lock,
+        })
     }
 
     /// Every backed range of the guest-physical space, each with its own
@@ -246,6 +259,7 @@ impl GuestRam {
             vpt: self.vpt.iter().map(|w| crate::vpagetable::Window::new(w.spec)).collect(),
             ram_object: self.ram_object.clone(),
             _pageout: None,
+            _swap_lock: None,
         })
     }
 
@@ -354,9 +368,13 @@ impl GuestRam {
         Ok(())
     }
 
-    /// Populate every page now (`--prefault`).
-    pub fn prefault_all(&self) -> Result<(), Error> {
+    /// Populate every page now (`--prefault`); `check` runs every 1024
+    /// pages and may stop it (the run's timeout, a signal).
+    pub fn prefault_all(&self, check: impl Fn() -> Result<(), Error>) -> Result<(), Error> {
         for a in (0..self.size).step_by(4096) {
+            if (a >> 12).is_multiple_of(1024) {
+                check()?;
+            }
             pager::fault(&self.map, a, Prot::WRITE, pager::FaultFlags::NO_PREFAULT)
                 .map_err(|e| Error::Crash(format!("--prefault: guest page {a:#x}: {e}")))?;
         }
@@ -376,9 +394,10 @@ fn open_files(vm: &Arc<Vm>, cfg: &MemConfig) -> Result<Vec<(FileMap, u64, pager:
     let mut opened: Vec<((u64, u64), pager::ObjHandle)> = Vec::new();
     for f in &cfg.files {
         let p = f.path.display();
-        let meta =
-            std::fs::metadata(&f.path).map_err(|e| Error::Config(format!("--map-file {p}: cannot open: {e}")))?;
-        let flen = meta.len();
+        // Writable if any map of this file is shared.
+        let shared = cfg.files.iter().any(|g| g.mode == FileMode::Shared && same_file(&g.path, &f.path));
+        let (file, flen) = crate::inputs::open_regular(&f.path, "--map-file", shared)?;
+        let meta = file.metadata().map_err(|e| Error::Config(format!("--map-file {p}: {e}")))?;
         if flen == 0 {
             return Err(Error::Config(format!("--map-file {p}: the file is empty")));
         }
@@ -404,15 +423,6 @@ fn open_files(vm: &Arc<Vm>, cfg: &MemConfig) -> Result<Vec<(FileMap, u64, pager:
         let obj = match opened.iter().find(|(k, _)| *k == key) {
             Some((_, obj)) => obj.clone(),
             None => {
-                // Writable if any map of this file is shared.
-                let shared = cfg.files.iter().any(|g| {
-                    g.mode == FileMode::Shared && std::fs::metadata(&g.path).is_ok_and(|m| (m.dev(), m.ino()) == key)
-                });
-                let file = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(shared)
-                    .open(&f.path)
-                    .map_err(|e| Error::Config(format!("--map-file {p}: cannot open: {e}")))?;
                 let obj =
                     vm.file_object(file, shared, None).map_err(|e| Error::Config(format!("--map-file {p}: {e}")))?;
                 opened.push((key, obj.clone()));
@@ -422,6 +432,15 @@ fn open_files(vm: &Arc<Vm>, cfg: &MemConfig) -> Result<Vec<(FileMap, u64, pager:
         out.push((f.clone(), len, obj));
     }
     Ok(out)
+}
+
+/// Do two paths name one file (device and inode)?
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => (x.dev(), x.ino()) == (y.dev(), y.ino()),
+        _ => false,
+    }
 }
 
 /// A userfaultfd for a view, when faults are delivered that way.
@@ -450,6 +469,9 @@ pub fn uffd_features() -> u64 {
 pub fn pick_delivery() -> Delivery {
     match Uffd::new(uffd_features()) {
         Ok(_) => Delivery::Uffd,
+        // Out of descriptors or memory says nothing about userfaultfd:
+        // keep it, and let the real open report the host failure.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)) => Delivery::Uffd,
         Err(e) => {
             log::warn!("userfaultfd unavailable ({e}): using exit delivery");
             Delivery::Exit

@@ -18,7 +18,6 @@
 //! contiguously, so neighbouring guest pages keep merging into one host VMA.
 
 use crate::uffd::{Mode, Uffd};
-use log::error;
 use pager::{Frame, Pmap, Prot, PAGE_SIZE};
 use parking_lot::Mutex;
 use std::io;
@@ -27,16 +26,28 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 const PS: u64 = PAGE_SIZE as u64;
-/// `slots[p]` holds the frame mapped at page p, plus these bits.
+/// `slots[p]` holds the frame mapped at page p plus one (0: no frame, so a
+/// fresh table is zero pages the host allocates only when written: a
+/// clone's view costs nothing for the guest-physical space it never maps),
+/// plus these bits.
 const PRESENT: u64 = 1 << 63;
 /// The slot's frame was installed before, so its data is likely in the page
 /// cache (CONTINUE first); a never-installed frame is likely a hole (ZEROPAGE first).
 const SEEN: u64 = 1 << 62;
-const FLAGS: u64 = PRESENT | SEEN;
 /// Entered, install pending in the current batch (implies the frame is set).
 const PENDING: u64 = 1 << 61;
-const FLAGS_ALL: u64 = FLAGS | PENDING;
-const NO_FRAME: u64 = u64::MAX >> 2;
+const FRAME_BITS: u64 = PENDING - 1;
+const NO_FRAME: u64 = 0;
+
+/// The frame a slot names, if any.
+fn slot_frame(s: u64) -> Option<Frame> {
+    (s & FRAME_BITS).checked_sub(1)
+}
+
+/// A slot naming `frame`, no flags.
+fn slot_of(frame: Frame) -> u64 {
+    (frame + 1) & FRAME_BITS
+}
 
 /// How absent pages reach the VMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -157,7 +168,7 @@ impl View {
         }
         let mut slots = self.slots.lock();
         for (i, s) in slots[(gpa / PS) as usize..((gpa + len) / PS) as usize].iter_mut().enumerate() {
-            *s = if first_frame.is_some() { first + i as u64 } else { NO_FRAME };
+            *s = if first_frame.is_some() { slot_of(first + i as u64) } else { NO_FRAME };
         }
         Ok(())
     }
@@ -208,9 +219,10 @@ impl View {
             let host = self.base + pages[i] as u64 * PS;
             let whole = self.uffd.as_ref().is_some_and(|u| u.zeropage(host, run as u64 * PS).is_ok());
             for &p in &pages[i..i + run] {
-                let frame = slots[p] & !FLAGS_ALL;
+                // A pending slot always names its frame.
+                let Some(frame) = slot_frame(slots[p]) else { continue };
                 let done = whole || self.install(self.base + p as u64 * PS, frame, Prot::RW, true).is_ok();
-                slots[p] = if done { frame | PRESENT | SEEN } else { NO_FRAME };
+                slots[p] = if done { slot_of(frame) | PRESENT | SEEN } else { NO_FRAME };
             }
             if whole {
                 self.stats.installs.fetch_add(run as u64, Ordering::Relaxed);
@@ -328,29 +340,32 @@ impl Pmap for View {
         let host = self.base + p as u64 * PS;
         let mut slots = self.slots.lock();
         let Some(slot) = slots.get_mut(p) else { return };
-        if *slot & !FLAGS_ALL == frame && *slot & (SEEN | PRESENT) == 0 && prot.writable() {
+        if slot_frame(*slot) == Some(frame) && *slot & (SEEN | PRESENT) == 0 && prot.writable() {
             if let Some(b) = self.batch.lock().as_mut() {
                 b.push(p);
-                *slot = frame | PENDING;
+                *slot = slot_of(frame) | PENDING;
                 return;
             }
         }
         let res = (|| {
             let mut seen = *slot & SEEN != 0;
-            if *slot & !FLAGS_ALL != frame {
+            if slot_frame(*slot) != Some(frame) {
                 self.map_frame(host, frame, prot)?;
                 seen = false;
             }
             self.install(host, frame, prot, seen)
         })();
         match res {
-            Ok(()) => *slot = frame | PRESENT | SEEN,
+            Ok(()) => *slot = slot_of(frame) | PRESENT | SEEN,
             Err(e) => {
                 // The page stays absent; the guest faults again and the VMM
                 // sees map_errors grow.
                 self.stats.map_errors.fetch_add(1, Ordering::Relaxed);
                 *slot = NO_FRAME;
-                error!("cannot map frame {frame} at guest {addr:#x}: {e} (check vm.max_map_count)");
+                crate::limited!(
+                    crate::ratelimit::HOST_MAP,
+                    "cannot map frame {frame} at guest {addr:#x}: {e} (check vm.max_map_count)"
+                );
             }
         }
     }
@@ -369,7 +384,7 @@ impl Pmap for View {
         };
         if let Err(err) = check(r) {
             self.stats.map_errors.fetch_add(1, Ordering::Relaxed);
-            error!("cannot remove guest [{start:#x}, {end:#x}): {err}");
+            crate::limited!(crate::ratelimit::HOST_MAP, "cannot remove guest [{start:#x}, {end:#x}): {err}");
         }
         for s in &mut slots[s..e] {
             *s &= !(PRESENT | PENDING);
@@ -411,7 +426,11 @@ impl Pmap for View {
             };
             if let Err(err) = r {
                 self.stats.map_errors.fetch_add(1, Ordering::Relaxed);
-                error!("cannot write-protect guest {:#x}+{len:#x}: {err}", i as u64 * PS);
+                crate::limited!(
+                    crate::ratelimit::HOST_MAP,
+                    "cannot write-protect guest {:#x}+{len:#x}: {err}",
+                    i as u64 * PS
+                );
             }
             i += run;
         }
@@ -419,7 +438,7 @@ impl Pmap for View {
 
     fn extract(&self, addr: u64) -> Option<Frame> {
         let s = *self.slots.lock().get((addr / PS) as usize)?;
-        (s & (PRESENT | PENDING) != 0).then_some(s & !FLAGS_ALL)
+        slot_frame(s).filter(|_| s & (PRESENT | PENDING) != 0)
     }
 }
 
@@ -427,5 +446,40 @@ impl Drop for View {
     fn drop(&mut self) {
         // SAFETY: unmapping our own view; nothing references it any more.
         unsafe { libc::munmap(self.base as *mut libc::c_void, self.size as usize) };
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    fn view(size: u64) -> View {
+        // SAFETY: a memfd for the test, closed with the process.
+        let fd = unsafe { libc::memfd_create(c"pmap-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: sizing our own memfd.
+        assert_eq!(unsafe { libc::ftruncate(fd, 1 << 20) }, 0);
+        View::new(size, fd, Delivery::Exit, None, Box::new(|_| true)).unwrap()
+    }
+
+    #[test]
+    fn slots_name_frames_and_nothing_else() {
+        assert_eq!(slot_frame(NO_FRAME), None);
+        assert_eq!(slot_frame(slot_of(0) | PRESENT | SEEN | PENDING), Some(0));
+        assert_eq!(slot_frame(slot_of(12345) | PENDING), Some(12345));
+        let v = view(64 << 20);
+        v.add_region(0, 1 << 20, Some(0)).unwrap();
+        // A region without frames in place (a VPAGETABLE window) maps nothing,
+        // before and after a remove (it used to read as a pending frame).
+        v.add_region(32 << 20, 1 << 20, None).unwrap();
+        assert_eq!(v.extract(32 << 20), None);
+        v.remove(32 << 20, 33 << 20);
+        assert_eq!(v.extract(32 << 20), None);
+        assert!(!v.present(32 << 20));
+        v.enter(0x3000, 3, Prot::RW, false);
+        assert_eq!(v.extract(0x3000), Some(3));
+        assert_eq!(v.present_count(), 1);
+        v.remove(0, 1 << 20);
+        assert_eq!(v.extract(0x3000), None);
     }
 }

@@ -262,8 +262,13 @@ fn shell_quote(s: &str) -> String {
 }
 
 /// Run one plan in a child `vkvm run` and judge it: status 0 and every
-/// report of every VM a pass.
+/// report of every VM a pass. A SIGINT/SIGTERM is forwarded to the child;
+/// once it has stopped this returns `Error::Interrupted` and the scratch
+/// directory is removed (on drop) before vkvm exits.
 pub fn run_plan(exe: &Path, run: &RunArgs, plan: &Plan) -> Result<Outcome, Error> {
+    if let Some(sig) = crate::signals::pending() {
+        return Err(Error::Interrupted(sig));
+    }
     let dir = tempfile::Builder::new()
         .prefix("vkvm-torture-")
         .tempdir()
@@ -279,16 +284,16 @@ pub fn run_plan(exe: &Path, run: &RunArgs, plan: &Plan) -> Result<Outcome, Error
         .collect::<Vec<_>>()
         .join(" ");
     let started = Instant::now();
-    let out = Command::new(exe)
-        .args(&args)
-        .arg("--stats-json")
-        .arg(&stats_path)
-        .output()
-        .map_err(Error::io("cannot start vkvm run"))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(&args).arg("--stats-json").arg(&stats_path);
+    let out = crate::child::run(&mut cmd, dir.path(), "run")?;
     let elapsed = started.elapsed();
+    if let Some(sig) = out.interrupted {
+        return Err(Error::Interrupted(sig));
+    }
     let stats: Value = crate::stats::read_json(&stats_path);
     let tests = stats["tests"].as_array().cloned().unwrap_or_default();
-    let code = out.status.code().unwrap_or(3);
+    let code = out.code.unwrap_or(3);
     // Every planned test must have reported (from every VM), and passed.
     let reported = plan.tests.iter().all(|t| tests.iter().any(|r| r["name"] == t.guest));
     let pass = code == 0 && reported && tests.iter().all(|t| t["status"] == "pass");
@@ -373,6 +378,8 @@ pub fn dispatch(
     soak_for: Option<Duration>,
     jobs: usize,
 ) -> Result<u8, Error> {
+    // The options every child gets: a bad one is one error now, not one per run.
+    run.validate(None)?;
     if matrix_mode {
         let chosen: Vec<&'static Torture> = tests.iter().map(|n| find(n)).collect::<Result<_, _>>()?;
         return matrix(run, &chosen, seed, jobs, slice, json_out);
@@ -388,6 +395,7 @@ pub fn dispatch(
 
 /// Plain `vkvm torture`: each chosen test once, in the VM it needs.
 pub fn command(run: &RunArgs, tests: &[String], seed: u64, json_out: Option<&Path>) -> Result<u8, Error> {
+    let mut json_file = json_file(json_out)?;
     let chosen: Vec<&Torture> = if tests.is_empty() {
         SUITE.iter().collect()
     } else {
@@ -402,36 +410,53 @@ pub fn command(run: &RunArgs, tests: &[String], seed: u64, json_out: Option<&Pat
             b.set_message("running");
         }
         let plan = Plan { config: Config::for_test(run, t), tests: vec![t], seed };
-        let r = run_plan(&exe, run, &plan)?;
+        let r = run_plan(&exe, run, &plan);
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(b) = &bar {
+                    b.abandon();
+                }
+                return Err(e);
+            }
+        };
         match bar {
             Some(b) => b.finish_with_message(r.verdict.clone()),
-            None => eprintln!("{:<14} {} ({:.2} s)", t.name, r.verdict, r.elapsed.as_secs_f64()),
+            None => {
+                crate::status::eprint_line(&format!("{:<14} {} ({:.2} s)", t.name, r.verdict, r.elapsed.as_secs_f64()))
+            }
         }
         results.push(r);
     }
-    print!("{}", table(&results));
-    print_failures(&results);
-    if let Some(p) = json_out {
-        write_json(p, &results)?;
+    crate::status::print(&(table(&results) + &failures(&results)))?;
+    if let Some(f) = &mut json_file {
+        write_json(f, &results)?;
     }
     Ok(if results.iter().all(|r| r.pass) { 0 } else { 1 })
 }
 
 /// Each failure: what went wrong and the command that reproduces it.
-fn print_failures(results: &[Outcome]) {
+fn failures(results: &[Outcome]) -> String {
+    let mut s = String::new();
     for r in results.iter().filter(|r| !r.pass) {
-        println!("{} [{}]: {}", r.name, r.config.label(), if r.detail.is_empty() { &r.verdict } else { &r.detail });
-        println!("  reproduce: {}", r.command);
+        let what = if r.detail.is_empty() { &r.verdict } else { &r.detail };
+        s += &format!("{} [{}]: {what}\n  reproduce: {}\n", r.name, r.config.label(), r.command);
         if let Some(d) = &r.kept {
-            println!("  scratch files kept in {}", d.display());
+            s += &format!("  scratch files kept in {}\n", d.display());
         }
     }
+    s
 }
 
-fn write_json(path: &Path, results: &[Outcome]) -> Result<(), Error> {
+/// `--json PATH`, created before any run so that a bad path is found first.
+fn json_file(path: Option<&Path>) -> Result<Option<crate::inputs::OutFile>, Error> {
+    path.map(|p| crate::inputs::OutFile::create(p, "--json")).transpose()
+}
+
+fn write_json(f: &mut crate::inputs::OutFile, results: &[Outcome]) -> Result<(), Error> {
     let v: Vec<Value> = results.iter().map(outcome_json).collect();
     let text = serde_json::to_string_pretty(&v).map_err(|e| Error::Crash(e.to_string()))?;
-    std::fs::write(path, text + "\n").map_err(Error::io(format!("cannot write {}", path.display())))
+    f.write(&(text + "\n"))
 }
 
 fn outcome_json(r: &Outcome) -> Value {

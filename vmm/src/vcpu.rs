@@ -7,9 +7,10 @@ use crate::exit::Reason;
 use crate::fault::GuestFault;
 use crate::hypercall::{self, Action};
 use crate::pmap::Delivery;
+use crate::ratelimit;
 use crate::vm::{Outcome, Shared};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use log::{debug, warn};
+use log::debug;
 use pager::{FaultFlags, Prot};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -81,18 +82,33 @@ pub fn run(shared: Arc<Shared>, mut vcpu: VcpuFd, id: u32) {
                 return;
             }
             Step::Clone(block) => {
+                use crate::clone::CloneError;
                 let r = match &shared.clones {
                     Some(ctx) => ctx.spawn(&shared, &vcpu, block),
-                    None => Err(crate::error::Error::Config("a clone cannot clone itself".into())),
+                    None => Err(CloneError::Refused(abi::EINVAL, "a clone cannot clone itself".into())),
                 };
-                if let Err(e) = r {
+                let errno = match r {
+                    Ok(()) => None,
                     // The guest learns through `ret`; the VM keeps running.
-                    warn!("vcpu {id}: CLONE failed: {e}");
-                    let _ = shared.ram.write(block + 56, &(-crate::abi::EINVAL).to_le_bytes());
+                    Err(CloneError::Refused(errno, why)) => {
+                        crate::limited!(ratelimit::CLONE_REFUSED, "vcpu {id}: CLONE refused: {why}");
+                        Some(errno)
+                    }
+                    // The host could not make it: the guest is told, and the
+                    // run ends as a host failure (status 3).
+                    Err(CloneError::Host(e)) => {
+                        shared.finish(Outcome::Crash(format!("host failure during CLONE: {e}")));
+                        Some(abi::ENOMEM)
+                    }
+                };
+                if let Some(errno) = errno {
+                    shared.stats.bad_hypercalls.fetch_add(1, Ordering::Relaxed);
+                    let _ = shared.ram.write(block + 56, &(-errno).to_le_bytes());
                 }
             }
             Step::Inject(f) => {
-                debug!(
+                crate::limited!(
+                    ratelimit::REFUSED_ACCESS,
                     "vcpu {id}: {} at {:#x} refused ({}): #PF",
                     if f.write { "write" } else { "read" },
                     f.gpa,
@@ -138,12 +154,20 @@ fn handle_exit(shared: &Shared, id: u32, exit: VcpuExit, memory_fault_again: boo
         }
         VcpuExit::MemoryFault { gpa, size, .. } => memory_fault(shared, gpa, size.max(1), memory_fault_again),
         VcpuExit::MmioRead(addr, data) => {
-            warn!("vcpu {id}: read of {} bytes at unbacked address {addr:#x}", data.len());
+            crate::limited!(
+                ratelimit::UNBACKED,
+                "vcpu {id}: read of {} bytes at unbacked address {addr:#x}",
+                data.len()
+            );
             data.fill(0xff);
             Step::Continue
         }
         VcpuExit::MmioWrite(addr, data) => {
-            warn!("vcpu {id}: write of {} bytes to unbacked address {addr:#x} ignored", data.len());
+            crate::limited!(
+                ratelimit::UNBACKED,
+                "vcpu {id}: write of {} bytes to unbacked address {addr:#x} ignored",
+                data.len()
+            );
             Step::Continue
         }
         VcpuExit::Hlt => Step::Park,
@@ -177,7 +201,10 @@ fn io_out(shared: &Shared, id: u32, port: u16, data: &[u8]) -> Step {
             let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
             match firmware::error_message(v) {
                 Some(msg) => return Step::Stop(Outcome::Crash(msg)),
-                None => debug!("vcpu {id}: firmware error port: {v:#x} is no firmware message"),
+                None => crate::limited!(
+                    ratelimit::FIRMWARE_PORT,
+                    "vcpu {id}: firmware error port: {v:#x} is no firmware message"
+                ),
             }
         }
         _ => match shared.pc.write(port, data) {
@@ -185,7 +212,7 @@ fn io_out(shared: &Shared, id: u32, port: u16, data: &[u8]) -> Step {
             PioOut::Exit(s) => return Step::Stop(Outcome::Exit(s)),
             PioOut::Unclaimed => {
                 shared.stats.exits.unhandled_pio.fetch_add(1, Ordering::Relaxed);
-                debug!("vcpu {id}: write to unclaimed port {port:#x} ignored");
+                crate::limited!(ratelimit::UNCLAIMED_PORT, "vcpu {id}: write to unclaimed port {port:#x} ignored");
             }
         },
     }

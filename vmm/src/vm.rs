@@ -7,9 +7,11 @@ use crate::devices::{Pc, Serial};
 use crate::error::Error;
 use crate::fault::{DeliveryStats, GuestFault};
 use crate::guest_image;
+use crate::inputs::OutFile;
 use crate::memory::{self, GuestRam, MemConfig};
 use crate::pmap::Delivery;
-use crate::stats::{Stats, TestResult};
+use crate::stats::{Reports, Stats};
+use crate::status;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VmFd};
@@ -18,7 +20,7 @@ use serde_json::json;
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::EventSet;
@@ -33,8 +35,12 @@ pub const MAX_GPA: u64 = 0xF000_0000;
 /// How a VM ended.
 #[derive(Clone, Debug)]
 pub enum Outcome {
-    Exit(u8),
+    /// The guest exited with this status (as it gave it: any u64).
+    Exit(u64),
+    /// vkvm, the host or the guest failed: status 3.
     Crash(String),
+    /// Stopped cleanly on this signal (SIGINT, SIGTERM): status 128 + N.
+    Interrupted(i32),
 }
 
 /// What the fault handler needs to reach a vCPU thread.
@@ -62,7 +68,7 @@ pub struct Shared {
     pub pc: Pc,
     pub stats: Stats,
     /// Test reports of this VM and all its clones (each tagged with its VM).
-    pub tests: Arc<Mutex<Vec<TestResult>>>,
+    pub tests: Arc<Reports>,
     /// 0 for the VM vkvm booted, 1.. for clones.
     pub vm_id: u32,
     /// What a CLONE hypercall needs (None in a clone of a clone's... never).
@@ -76,6 +82,8 @@ pub struct Shared {
     parked: AtomicU32,
     outcome: Mutex<Option<Outcome>>,
     exit_evt: EventFd,
+    /// Called once the VM has an outcome (a clone's: wakes the reaper).
+    on_finish: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Shared {
@@ -85,7 +93,7 @@ impl Shared {
         nr_vcpus: u32,
         tsc_khz: u32,
         console: Box<dyn std::io::Write + Send>,
-        tests: Arc<Mutex<Vec<TestResult>>>,
+        tests: Arc<Reports>,
         vm_id: u32,
         clones: Option<Arc<crate::clone::CloneCtx>>,
         profile: Option<crate::profile::Profile>,
@@ -108,7 +116,8 @@ impl Shared {
             _rom: rom,
             parked: AtomicU32::new(0),
             outcome: Mutex::new(None),
-            exit_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::io("eventfd"))?,
+            exit_evt: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(Error::io("eventfd"))?,
+            on_finish: std::sync::OnceLock::new(),
         })
     }
 
@@ -120,12 +129,32 @@ impl Shared {
     /// The first outcome wins; the monitor is woken to stop the VM.
     pub fn finish(&self, o: Outcome) {
         let mut g = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
-        if g.is_none() {
+        let first = g.is_none();
+        if first {
             *g = Some(o);
         }
         drop(g);
         // Wake-up only: the outcome is already recorded.
         let _ = self.exit_evt.write(1);
+        if let (true, Some(f)) = (first, self.on_finish.get()) {
+            f();
+        }
+    }
+
+    /// Run `f` when this VM finishes (at most one such callback).
+    pub fn set_on_finish(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.on_finish.set(f);
+    }
+
+    /// Kick every vCPU thread out of KVM_RUN or a fault wait.
+    pub fn kick_all(&self) {
+        for v in &self.vcpus {
+            let tid = v.tid.load(Ordering::Relaxed);
+            if tid > 0 {
+                // SAFETY: signalling one of our own threads; its handler does nothing.
+                unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, kick_signal()) };
+            }
+        }
     }
     /// Hand a refused guest access to the vCPU that made it and kick that
     /// vCPU out of its fault wait; false if no vCPU has that thread id.
@@ -154,7 +183,11 @@ impl Shared {
 pub fn open_kvm(path: &Path) -> Result<Kvm, Error> {
     let c = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| Error::Kvm(format!("{} is not a valid path", path.display())))?;
-    let kvm = Kvm::new_with_path(&c).map_err(|e| Error::Kvm(open_error(path, e.errno())))?;
+    let kvm = Kvm::new_with_path(&c).map_err(|e| match e.errno() {
+        // The host is out of descriptors or memory: not the user's to fix.
+        libc::EMFILE | libc::ENFILE | libc::ENOMEM => Error::Crash(format!("cannot open {}: {e}", path.display())),
+        errno => Error::Kvm(open_error(path, errno)),
+    })?;
     match kvm.get_api_version() {
         12 => Ok(kvm),
         v => Err(Error::Kvm(format!(
@@ -186,47 +219,108 @@ pub struct Finished {
 }
 
 impl Finished {
+    /// The process exit status (see `status.rs`).
     pub fn status(&self) -> u8 {
         match &self.outcome {
-            Outcome::Exit(s) => *s,
-            Outcome::Crash(_) => crate::abi::STATUS_CRASH as u8,
+            Outcome::Exit(s) => status::of_guest(*s),
+            Outcome::Crash(_) => status::CRASH,
+            Outcome::Interrupted(sig) => status::of_signal(*sig),
         }
     }
     /// The process result: the guest's status, or the crash as an error.
+    /// A guest status that is not passed through is said on stderr.
     pub fn into_result(self) -> Result<u8, Error> {
+        let st = self.status();
         match self.outcome {
-            Outcome::Exit(s) => Ok(s),
+            Outcome::Exit(s) if u64::from(st) != s => {
+                status::eprint_line(&format!(
+                    "vkvm: the guest exited with status {s}; vkvm exits with {st} (guest_exit_status in --stats-json has it)"
+                ));
+                Ok(st)
+            }
+            Outcome::Exit(_) => Ok(st),
             Outcome::Crash(msg) => Err(Error::Crash(msg)),
+            Outcome::Interrupted(sig) => {
+                status::eprint_line(&format!("vkvm: stopped by {}", crate::signals::name(sig)));
+                Ok(st)
+            }
         }
     }
 }
 
 /// `vkvm run`: boot, wait, write `--stats-json`, return the guest's status.
-pub fn run(args: &RunArgs) -> Result<u8, Error> {
-    execute(args, false)?.into_result()
+pub fn run(args: &RunArgs, started: Instant) -> Result<u8, Error> {
+    execute(args, false, started)?.into_result()
 }
 
-/// Boot a VM and wait until it stops (or times out).
-pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
-    args.validate(u32::MAX)?;
-    let (image, what) = match &args.guest {
-        Some(p) => (
-            std::fs::read(p).map_err(|e| Error::Config(format!("cannot read guest {}: {e}", p.display())))?,
-            p.display().to_string(),
-        ),
-        // `--boot multiboot` without a kernel: the bundled guest's ELF32.
-        None if args.boot == boot::BootMode::Multiboot => {
-            (guest_image::BUNDLED32.to_vec(), "the bundled guest (ELF32)".to_string())
+/// The run's clock: `--timeout` counts from vkvm's start, so set-up (reading
+/// the kernel, `--prefault`, ...) is inside it.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadline {
+    start: Instant,
+    secs: Option<f64>,
+}
+
+impl Deadline {
+    /// `secs` was checked by `cli::parse_timeout` (finite, capped).
+    pub fn new(start: Instant, secs: Option<f64>) -> Deadline {
+        Deadline { start, secs: secs.map(|s| s.clamp(0.0, crate::cli::MAX_TIMEOUT)) }
+    }
+    pub fn secs(&self) -> f64 {
+        self.secs.unwrap_or_default()
+    }
+    /// Time left, or None without a timeout.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.secs.map(|s| Duration::from_secs_f64(s).saturating_sub(self.start.elapsed()))
+    }
+    pub fn passed(&self) -> bool {
+        self.remaining() == Some(Duration::ZERO)
+    }
+    /// Between set-up steps and in long ones: a signal or the timeout stops
+    /// the run here (128 + N, or status 3).
+    pub fn check(&self, step: &str) -> Result<(), Error> {
+        if let Some(sig) = crate::signals::pending() {
+            return Err(Error::Interrupted(sig));
         }
-        None => (guest_image::BUNDLED.to_vec(), "the bundled guest".to_string()),
+        if self.passed() {
+            return Err(Error::Crash(format!("the --timeout of {} s ran out during set-up ({step})", self.secs())));
+        }
+        Ok(())
+    }
+}
+
+/// KVM's vCPU limit, for the message about a bad `--vcpus` (None if the
+/// device cannot be opened: the message then says so in words).
+fn host_max_vcpus(path: &Path) -> Option<u32> {
+    open_kvm(path).ok().map(|k| k.get_max_vcpus() as u32)
+}
+
+/// Boot a VM and wait until it stops (or times out, or a signal stops it).
+pub fn execute(args: &RunArgs, profiling: bool, started: Instant) -> Result<Finished, Error> {
+    let deadline = Deadline::new(started, args.timeout);
+    args.validate(if args.vcpus == 0 { host_max_vcpus(&args.kvm_device) } else { None })?;
+    let mut stats_file = args.stats_json.as_deref().map(|p| OutFile::create(p, "--stats-json")).transpose()?;
+    let multiboot_bundled = args.guest.is_none() && args.boot == boot::BootMode::Multiboot;
+    let (image, what, path_word) = match &args.guest {
+        Some(p) => {
+            let cap = args.memory;
+            let image = crate::inputs::read_capped(p, "guest", cap, "--memory: a kernel file must fit in guest RAM")?;
+            (image, p.display().to_string(), p.display().to_string())
+        }
+        // `--boot multiboot` without a kernel: the bundled guest's ELF32.
+        None if multiboot_bundled => {
+            (guest_image::BUNDLED32.to_vec(), "the bundled guest (ELF32)".to_string(), "vkvm-guest32.elf".to_string())
+        }
+        None => (guest_image::BUNDLED.to_vec(), "the bundled guest".to_string(), "vkvm-guest.elf".to_string()),
     };
     let plan = boot::prepare(&image, &what, args.boot, args.memory, &args.module)?;
+    deadline.check("reading the kernel")?;
     let kvm = open_kvm(&args.kvm_device)?;
     vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
         .map_err(|e| Error::Crash(format!("cannot install the vCPU kick signal handler: {e}")))?;
     let max_vcpus = kvm.get_max_vcpus() as u32;
-    args.validate(max_vcpus)?;
-    let started = Instant::now();
+    args.validate(Some(max_vcpus))?;
+    let vm_started = Instant::now();
 
     let vm = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
     let delivery = match args.fault_delivery {
@@ -244,17 +338,20 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
         delivery,
         phys_mem: args.phys_mem,
         swap: args.swap.clone(),
+        swap_reuse: args.swap_reuse,
         swap_size: args.swap_size,
         swap_fault: args.inject_swap_fault,
         vpt: args.vpt_regions.clone(),
         default_vpt: args.guest.is_none(),
     })?);
+    deadline.check("guest memory")?;
     register_memory(&vm, &ram)?;
     create_irqchip(&vm)?;
-    let cmdline = [args.cmdline.as_str(), &ram.guest_cmdline()].join(" ").trim().to_string();
+    let cmdline = boot::guest_cmdline(&plan, &path_word, &args.cmdline, &ram.guest_cmdline())?;
     let entry = boot::load(&plan, &ram, &image, &what, &cmdline)?;
+    deadline.check("loading the kernel")?;
     if args.prefault {
-        ram.prefault_all()?;
+        ram.prefault_all(|| deadline.check("--prefault"))?;
     }
     let firmware = args.boot == boot::BootMode::Firmware;
     let rom = if firmware {
@@ -288,6 +385,7 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
         vcpus.push(vcpu);
     }
     let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0);
+    deadline.check("creating the vCPUs")?;
 
     let clones = Arc::new(crate::clone::CloneCtx::new(args, &cpuid));
     let shared = Arc::new(Shared::new(
@@ -295,7 +393,7 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
         args.vcpus,
         tsc_khz,
         Box::new(std::io::stdout()),
-        Arc::new(Mutex::new(Vec::new())),
+        Arc::new(Reports::default()),
         0,
         Some(clones.clone()),
         profiling.then(|| crate::profile::Profile::new(args.vcpus)),
@@ -309,40 +407,99 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
         entry.address(),
         if firmware { " through the firmware" } else { "" }
     );
-    let stop_faults = Arc::new(AtomicBool::new(false));
-    start_threads(&shared, vcpus, &stop_faults, args.uffd_poll)?;
+    let threads = start_threads(&shared, vcpus, args.uffd_poll)?;
 
-    let outcome = monitor(&shared, args.timeout)?;
+    let outcome = monitor(&shared, deadline)?;
     // Clones run on; the run is over when every one has stopped too.
-    let outcome = clones.wait_all(outcome, started, args.timeout);
-    stop_faults.store(true, Ordering::Relaxed);
-    // Shared file mappings are written back before vkvm reports success.
+    let outcome = clones.wait_all(outcome, deadline);
+    let stopped = threads.stop(&shared);
+    // Shared file mappings are written back before vkvm reports, whatever
+    // stopped the run (a signal included): no guest write is lost.
     let outcome = match (outcome, shared.ram.sync_files()) {
-        (Outcome::Exit(_), Err(e)) => Outcome::Crash(e.to_string()),
-        (o, _) => o,
+        (o @ Outcome::Crash(_), _) => o,
+        (_, Err(e)) => Outcome::Crash(e.to_string()),
+        (o, Ok(())) => o,
     };
-    let done = Finished { outcome, shared, elapsed: started.elapsed() };
+    crate::ratelimit::flush();
+    let done = Finished { outcome, shared, elapsed: vm_started.elapsed() };
     info!("guest finished in {:.3} s with status {}", done.elapsed.as_secs_f64(), done.status());
-    if let Some(p) = &args.stats_json {
-        write_stats(p, &done)?;
+    if let Some(f) = &mut stats_file {
+        write_stats(f, &done)?;
     }
-    // vCPU threads still inside KVM_RUN go away with the process; the VM's
-    // descriptors stay open until then so that no vCPU outlives its VM.
-    std::mem::forget(vm);
+    if !stopped {
+        // A vCPU thread that did not end may still be inside KVM_RUN: the
+        // VM's descriptors stay open until the process exits.
+        std::mem::forget(vm);
+    }
     Ok(done)
 }
 
+/// How long stopping a VM waits for each of its threads before leaving it
+/// to the process exit (a vCPU stuck in the host kernel).
+const STOP_WAIT: Duration = Duration::from_secs(2);
+
+/// A VM's threads: its vCPUs and its userfaultfd handler.
+pub struct VmThreads {
+    vcpus: Vec<std::thread::JoinHandle<()>>,
+    uffd: Option<std::thread::JoinHandle<()>>,
+    stop_faults: Arc<crate::fault::Stop>,
+}
+
+impl VmThreads {
+    /// Have all vCPU threads returned?
+    pub fn vcpus_done(&self) -> bool {
+        self.vcpus.iter().all(|t| t.is_finished())
+    }
+
+    /// Stop the VM (if nothing did), kick its vCPUs out of the guest until
+    /// their threads end, then end the fault thread. True if every thread
+    /// ended within [`STOP_WAIT`]; a thread that did not is left behind.
+    pub fn stop(self, shared: &Shared) -> bool {
+        if !shared.finished() {
+            shared.finish(Outcome::Crash("stopped".into()));
+        }
+        let until = Instant::now() + STOP_WAIT;
+        // A kick can land just before a thread enters KVM_RUN: repeat it.
+        while !self.vcpus_done() && Instant::now() < until {
+            shared.kick_all();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let mut all = self.vcpus_done();
+        for t in self.vcpus {
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+        // Only now: a vCPU waiting on a fault needs this thread to go on.
+        self.stop_faults.stop();
+        if let Some(t) = self.uffd {
+            while !t.is_finished() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                all = false;
+            }
+        }
+        all
+    }
+}
+
 /// Start a VM's userfaultfd handler (if it has one) and its vCPU threads.
+/// A thread that cannot be started (the host is out of threads or memory)
+/// is an error: the caller stops the VM, never an abort.
 pub fn start_threads(
     shared: &Arc<Shared>,
     vcpus: Vec<kvm_ioctls::VcpuFd>,
-    stop_faults: &Arc<AtomicBool>,
     uffd_poll: bool,
-) -> Result<(), Error> {
+) -> Result<VmThreads, Error> {
     let ram = &shared.ram;
+    let stop = Arc::new(crate::fault::Stop::new().map_err(Error::io("cannot create an eventfd"))?);
+    let mut threads = VmThreads { vcpus: Vec::new(), uffd: None, stop_faults: stop.clone() };
     if ram.uffd.is_some() {
-        let (r, d, stop, s) = (ram.clone(), shared.delivery.clone(), stop_faults.clone(), shared.clone());
-        std::thread::Builder::new()
+        let (r, d, stop, s) = (ram.clone(), shared.delivery.clone(), stop, shared.clone());
+        let t = std::thread::Builder::new()
             .name(format!("uffd-vm{}", shared.vm_id))
             .spawn(move || {
                 let timing = s.profile.is_some();
@@ -354,15 +511,22 @@ pub fn start_threads(
                 crate::fault::serve(r, d, stop, uffd_poll, |msg| s.finish(Outcome::Crash(msg)), |f| s.refuse(f), record)
             })
             .map_err(Error::io("cannot start the userfaultfd thread"))?;
+        threads.uffd = Some(t);
     }
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let s = shared.clone();
-        std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name(format!("vm{}-vcpu{id}", shared.vm_id))
-            .spawn(move || crate::vcpu::run(s, vcpu, id as u32))
-            .map_err(Error::io("cannot start a vCPU thread"))?;
+            .spawn(move || crate::vcpu::run(s, vcpu, id as u32));
+        match spawned {
+            Ok(t) => threads.vcpus.push(t),
+            Err(e) => {
+                threads.stop(shared);
+                return Err(Error::Io { context: "cannot start a vCPU thread".into(), source: e });
+            }
+        }
     }
-    Ok(())
+    Ok(threads)
 }
 
 pub fn register_memory(vm: &VmFd, ram: &GuestRam) -> Result<(), Error> {
@@ -414,6 +578,12 @@ impl MutEventSubscriber for Monitor {
         if let Err(e) = ops.add(Events::new(&self.shared.exit_evt, EventSet::IN)) {
             warn!("cannot watch the exit event: {e}");
         }
+        // A signal only wakes the loop; `signals::pending` says which.
+        if let Some(w) = crate::signals::wake_fd() {
+            if let Err(e) = ops.add(Events::new(w, EventSet::IN)) {
+                warn!("cannot watch for SIGINT/SIGTERM: {e}");
+            }
+        }
         if let Some(t) = &self.timer {
             if let Err(e) = ops.add(Events::new(t, EventSet::IN)) {
                 warn!("cannot watch the timeout: {e}");
@@ -422,12 +592,13 @@ impl MutEventSubscriber for Monitor {
     }
 }
 
-fn monitor(shared: &Arc<Shared>, timeout: Option<f64>) -> Result<Outcome, Error> {
-    let timer = match timeout {
-        Some(secs) => {
+fn monitor(shared: &Arc<Shared>, deadline: Deadline) -> Result<Outcome, Error> {
+    let timer = match deadline.remaining() {
+        Some(left) => {
             let timer_err = |e| Error::Crash(format!("cannot arm the --timeout timer: {e}"));
             let mut t = TimerFd::new().map_err(timer_err)?;
-            t.reset(Duration::from_secs_f64(secs), None).map_err(timer_err)?;
+            // A zero time would disarm the timer: the loop checks the deadline too.
+            t.reset(left.max(Duration::from_nanos(1)), None).map_err(timer_err)?;
             Some(t)
         }
         None => None,
@@ -440,11 +611,15 @@ fn monitor(shared: &Arc<Shared>, timeout: Option<f64>) -> Result<Outcome, Error>
         if let Some(o) = shared.outcome.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             return Ok(o);
         }
-        if mon.lock().unwrap_or_else(|e| e.into_inner()).timed_out {
-            let secs = timeout.unwrap_or_default();
+        if let Some(sig) = crate::signals::pending() {
+            shared.finish(Outcome::Interrupted(sig));
+            continue;
+        }
+        if mon.lock().unwrap_or_else(|e| e.into_inner()).timed_out || deadline.passed() {
+            let secs = deadline.secs();
             let o = Outcome::Crash(format!("guest did not exit within the --timeout of {secs} s; stopped it"));
             shared.finish(o.clone());
-            return Ok(o);
+            continue;
         }
         em.run_with_timeout(1000).map_err(|e| Error::Crash(format!("event manager: {e:?}")))?;
     }
@@ -467,20 +642,23 @@ pub fn fault_stats(shared: &Shared) -> serde_json::Value {
     })
 }
 
-fn write_stats(path: &Path, done: &Finished) -> Result<(), Error> {
+fn write_stats(file: &mut OutFile, done: &Finished) -> Result<(), Error> {
     let shared = &done.shared;
     let pstats = shared.ram.vm.stats().snapshot();
-    let tests = shared.tests.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let tests = shared.tests.snapshot();
     let mut v = json!({
         "exit_status": done.status(),
         "exits": shared.stats.exits.snapshot(),
         "tests": tests,
+        "reports_suppressed": shared.tests.suppressed(),
         "unhandled_pio": shared.stats.exits.unhandled_pio.load(Ordering::Relaxed),
         "bad_hypercalls": shared.stats.bad_hypercalls.load(Ordering::Relaxed),
+        "log_suppressed": crate::ratelimit::suppressed(),
         "vcpus": shared.nr_vcpus,
         "elapsed_ms": done.elapsed.as_secs_f64() * 1e3,
         "faults": fault_stats(shared),
         "clones": shared.clones.as_ref().map(|c| c.stats_json()).unwrap_or_default(),
+        "clone_limits": shared.clones.as_ref().map(|c| c.summary_json()).unwrap_or_default(),
         "pageout": { "pages_out": pstats.pages_out, "pages_in": pstats.pages_in },
         "vpt": crate::vpagetable::stats(&shared.ram.vpt),
         "memory": {
@@ -489,13 +667,20 @@ fn write_stats(path: &Path, done: &Finished) -> Result<(), Error> {
             "resident_pages": shared.ram.vm.pool().resident(),
             "present_pages": shared.ram.view.present_count(),
             "pool_resident_bytes": shared.ram.pool_resident_bytes(),
+            // With clones: the most the pool held, read as each clone ended.
+            "pool_peak_bytes": shared.clones.as_ref().map_or(0, |c| c.pool_peak()).max(shared.ram.pool_resident_bytes()),
         },
     });
-    if let Outcome::Crash(msg) = &done.outcome {
-        v["crash"] = json!(msg);
+    match &done.outcome {
+        Outcome::Exit(s) => v["guest_exit_status"] = json!(s),
+        Outcome::Crash(msg) => v["crash"] = json!(msg),
+        Outcome::Interrupted(sig) => {
+            v["interrupted"] = json!(true);
+            v["signal"] = json!(crate::signals::name(*sig));
+        }
     }
     let text = serde_json::to_string_pretty(&v).map_err(|e| Error::Crash(format!("stats JSON: {e}")))?;
-    std::fs::write(path, text + "\n").map_err(Error::io(format!("cannot write {}", path.display())))
+    file.write(&(text + "\n"))
 }
 
 #[cfg(test)]

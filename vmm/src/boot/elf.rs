@@ -61,21 +61,15 @@ pub fn parse(image: &[u8]) -> Option<ElfInfo> {
     let mut phdrs = Vec::new();
     for i in 0..phnum {
         let p = phoff.checked_add(i.checked_mul(phentsize)?)?;
+        // Field at `off` of this header, `n` bytes; offsets near 2^64 give None.
+        let f = |off: u64, n: usize| rd(image, p.checked_add(off)?, n);
         let ph = match class {
-            Class::Elf32 => Phdr {
-                kind: rd(image, p, 4)? as u32,
-                offset: rd(image, p + 4, 4)?,
-                paddr: rd(image, p + 12, 4)?,
-                filesz: rd(image, p + 16, 4)?,
-                memsz: rd(image, p + 20, 4)?,
-            },
-            Class::Elf64 => Phdr {
-                kind: rd(image, p, 4)? as u32,
-                offset: rd(image, p + 8, 8)?,
-                paddr: rd(image, p + 24, 8)?,
-                filesz: rd(image, p + 32, 8)?,
-                memsz: rd(image, p + 40, 8)?,
-            },
+            Class::Elf32 => {
+                Phdr { kind: f(0, 4)? as u32, offset: f(4, 4)?, paddr: f(12, 4)?, filesz: f(16, 4)?, memsz: f(20, 4)? }
+            }
+            Class::Elf64 => {
+                Phdr { kind: f(0, 4)? as u32, offset: f(8, 8)?, paddr: f(24, 8)?, filesz: f(32, 8)?, memsz: f(40, 8)? }
+            }
         };
         phdrs.push(ph);
     }
@@ -106,7 +100,35 @@ fn notes_have_pvh(image: &[u8], start: u64, len: u64) -> bool {
         if namesz == 4 && kind == 18 && rd(image, name, 4) == Some(u32::from_le_bytes(*b"Xen\0") as u64) {
             return true;
         }
-        off = name + namesz.div_ceil(4) * 4 + descsz.div_ceil(4) * 4;
+        // Sizes are u32s, so this only overflows for a note near 2^64.
+        let Some(next) = name.checked_add(namesz.div_ceil(4) * 4 + descsz.div_ceil(4) * 4) else {
+            return false;
+        };
+        off = next;
     }
     false
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    /// Program headers placed near 2^64 make a malformed file. (The field
+    /// offsets are now added with checks; before, only the order of the
+    /// reads kept `p + 40` from wrapping.)
+    #[test]
+    fn program_headers_near_2_pow_64_are_malformed() {
+        let mut f = b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0".to_vec();
+        f.extend_from_slice(&[2, 0, 62, 0, 1, 0, 0, 0]);
+        for v in [0x10_0000u64, u64::MAX - 8, 0] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+        f.extend_from_slice(&[0; 4]);
+        for v in [64u16, 56, 1, 64, 0, 0] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+        f.resize(256, 0);
+        assert!(parse(&f).is_none());
+        assert!(!has_pvh_note(&f));
+    }
 }

@@ -6,6 +6,8 @@
 
 pub mod elf;
 pub mod firmware;
+#[cfg(test)]
+pub mod fuzz;
 pub mod multiboot;
 pub mod pvh;
 
@@ -50,19 +52,48 @@ pub enum Entry {
     Multiboot { entry: u32, mbi: u32 },
 }
 
-/// Read `--module PATH[,STRING]` arguments (STRING defaults to PATH).
-pub fn read_modules(args: &[String]) -> Result<Vec<multiboot::Module>, Error> {
+/// Read `--module PATH[,STRING]` arguments (STRING defaults to PATH):
+/// regular files of at most `mem_size` bytes each.
+pub fn read_modules(args: &[String], mem_size: u64) -> Result<Vec<multiboot::Module>, Error> {
     args.iter()
         .map(|a| {
             let (path, string) = a.split_once(',').unwrap_or((a, a));
             if path.is_empty() {
                 return Err(Error::Config(format!("--module '{a}': expected PATH[,STRING]")));
             }
-            let data =
-                std::fs::read(Path::new(path)).map_err(|e| Error::Config(format!("cannot read module {path}: {e}")))?;
+            let why = "--memory: a module must fit in guest RAM";
+            let data = crate::inputs::read_capped(Path::new(path), "module", mem_size, why)?;
             Ok(multiboot::Module { string: string.to_string(), data })
         })
         .collect()
+}
+
+/// `--cmdline` alone must leave room for the NUL.
+pub fn check_cmdline(c: &str) -> Result<(), Error> {
+    if c.len() >= CMDLINE_MAX {
+        return Err(Error::Config(format!("--cmdline is {} bytes, the limit is {}", c.len(), CMDLINE_MAX - 1)));
+    }
+    Ok(())
+}
+
+/// The command line the guest gets, checked as a whole against the limit
+/// (4095 bytes and a NUL): for Multiboot the kernel's path first, as GRUB
+/// and QEMU give it (`-kernel K -append 'A B'` is `K A B`), then
+/// `--cmdline`, then vkvm's own words (`vkvm.files=`, `vkvm.vpt=`).
+pub fn guest_cmdline(plan: &Plan, kernel: &str, user: &str, vkvm: &str) -> Result<String, Error> {
+    let first = if matches!(plan, Plan::Multiboot(_)) { kernel } else { "" };
+    let line =
+        [first, user.trim(), vkvm.trim()].iter().filter(|w| !w.is_empty()).copied().collect::<Vec<_>>().join(" ");
+    if line.len() >= CMDLINE_MAX {
+        return Err(Error::Config(format!(
+            "the guest command line is {} bytes with what vkvm adds to --cmdline ({} bytes: {}vkvm's own words such as vkvm.files= and vkvm.vpt=); the limit is {}",
+            line.len(),
+            user.len(),
+            if first.is_empty() { "" } else { "the kernel's path, " },
+            CMDLINE_MAX - 1
+        )));
+    }
+    Ok(line)
 }
 
 /// Choose the protocol for `image` and check it against `mem_size`.
@@ -88,7 +119,7 @@ pub fn prepare(image: &[u8], what: &str, mode: BootMode, mem_size: u64, modules:
     };
     match mode {
         BootMode::Multiboot => {
-            let mods = read_modules(modules)?;
+            let mods = read_modules(modules, mem_size)?;
             Ok(Plan::Multiboot(multiboot::prepare(image, what, mem_size, mods)?))
         }
         _ => {

@@ -34,7 +34,8 @@ const MBI_MMAP: u32 = 1 << 6;
 const MBI_LOADER_NAME: u32 = 1 << 9;
 
 /// Where vkvm puts the boot information (low memory, below the kernels,
-/// away from 0x8000 where our guest puts its AP trampoline).
+/// away from 0x8000 where our guest puts its AP trampoline). Everything
+/// vkvm writes below 1 MiB lies in [`BOOT_RANGES`].
 const MBI_ADDR: u64 = 0x6000;
 const MBI_SIZE: usize = 120;
 const MMAP_ADDR: u64 = 0x6100;
@@ -46,6 +47,16 @@ const MOD_STRINGS_ADDR: u64 = 0x21000;
 const MOD_STRINGS_END: u64 = 0x30000;
 const LOWMEM_END: u64 = 0x9_fc00;
 const HIMEM_START: u64 = 0x10_0000;
+
+/// Low memory a kernel segment must not overlap: what vkvm writes there,
+/// and what the memory map reports as reserved. The rest of the first MiB
+/// is the kernel's, as with GRUB and QEMU (a real-mode trampoline at
+/// 0x8000, for one).
+pub const BOOT_RANGES: [(u64, u64, &str); 3] = [
+    (MBI_ADDR, 0x7000, "vkvm's Multiboot information, memory map and module list"),
+    (CMDLINE_ADDR, MOD_STRINGS_END, "vkvm's command line and module strings"),
+    (LOWMEM_END, HIMEM_START, "the range the memory map reserves (EBDA, VGA, BIOS)"),
+];
 const PAGE: u64 = 4096;
 
 /// A module given with `--module PATH[,STRING]`.
@@ -69,6 +80,18 @@ pub struct Kernel {
     segments: Vec<Segment>,
     entry: u32,
     modules: Vec<(u64, Module)>,
+}
+
+#[cfg(test)]
+impl Kernel {
+    /// Where the kernel's segments and the modules go: [start, end) each.
+    pub fn placed(&self) -> Vec<(u64, u64)> {
+        let segs = self.segments.iter().map(|s| (s.paddr, s.paddr + s.memsz));
+        segs.chain(self.modules.iter().map(|(at, m)| (*at, at + m.data.len() as u64))).collect()
+    }
+    pub fn entry(&self) -> u32 {
+        self.entry
+    }
 }
 
 /// Offset of the first 4-byte aligned header magic in the first 8 KiB.
@@ -123,8 +146,9 @@ pub fn prepare(image: &[u8], what: &str, mem_size: u64, modules: Vec<Module>) ->
     };
     check_layout(&segments, entry, mem_size).map_err(bad)?;
 
-    // Modules go page-aligned after the kernel (flag 0 is always honoured).
-    let kernel_end = segments.iter().map(|s| s.paddr + s.memsz).max().unwrap_or(HIMEM_START);
+    // Modules go page-aligned after the kernel (flag 0 is always honoured),
+    // and above 1 MiB even when the kernel is all below it.
+    let kernel_end = segments.iter().map(|s| s.paddr + s.memsz).max().unwrap_or(HIMEM_START).max(HIMEM_START);
     if modules.len() > MAX_MODULES {
         return Err(Error::Config(format!("{} modules given; at most {MAX_MODULES} are supported", modules.len())));
     }
@@ -231,18 +255,21 @@ fn elf_segments(image: &[u8]) -> Result<(Vec<Segment>, u32), String> {
     Ok((segs, entry))
 }
 
-/// Segments inside RAM from 1 MiB (below it live the boot information and
-/// the real-mode area, as with GRUB), not overlapping, entry inside one.
+/// Segments inside RAM, clear of vkvm's boot data and the reserved range
+/// below 1 MiB ([`BOOT_RANGES`]), not overlapping each other, entry inside one.
 fn check_layout(segs: &[Segment], entry: u32, mem_size: u64) -> Result<(), String> {
     let mut sorted: Vec<&Segment> = segs.iter().collect();
     sorted.sort_by_key(|s| s.paddr);
     for s in &sorted {
         let end = s.paddr.saturating_add(s.memsz);
-        if s.paddr < HIMEM_START || end > mem_size {
+        if end > mem_size {
             return Err(format!(
-                "segment [{:#x}, {end:#x}) is outside guest memory: kernels load between 1 MiB and --memory ({:#x})",
+                "segment [{:#x}, {end:#x}) is outside guest memory: kernels load below --memory ({:#x})",
                 s.paddr, mem_size
             ));
+        }
+        if let Some((a, b, what)) = BOOT_RANGES.iter().find(|&&(a, b, _)| s.paddr < b && a < end) {
+            return Err(format!("segment [{:#x}, {end:#x}) overlaps {what} at [{a:#x}, {b:#x})", s.paddr));
         }
     }
     for w in sorted.windows(2) {
@@ -380,6 +407,17 @@ mod test {
         assert!(err(&aout(F_VIDEO_MODE, 4096), 64 << 20).contains("video"));
         assert!(err(&aout(1 << 5, 4096), 64 << 20).contains("flag(s) 5"));
         assert!(err(&aout(0, 4096), 1 << 20).contains("outside guest memory"));
+        let mut low = elf32(2);
+        for (paddr, ok) in [(0x8000u32, true), (0x0, true), (0x6800, false), (0x1f800, false), (0x9f000, false)] {
+            // The segment (0x2000 bytes) and the entry move together.
+            low[24..28].copy_from_slice(&(paddr + 0x54).to_le_bytes());
+            low[52 + 8..52 + 16].copy_from_slice(&[paddr.to_le_bytes(), paddr.to_le_bytes()].concat());
+            let r = prepare(&low, "k", 64 << 20, Vec::new());
+            assert_eq!(r.is_ok(), ok, "segment at {paddr:#x}");
+            if let Err(e) = r {
+                assert!(e.to_string().contains("overlaps"), "{e}");
+            }
+        }
         assert!(err(b"nothing here", 64 << 20).contains("no Multiboot header"));
         assert!(err(&aout(0, 16), 64 << 20).contains("cut off"));
     }

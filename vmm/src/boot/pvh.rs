@@ -40,7 +40,14 @@ pub fn check_elf(image: &[u8], what: &str, mem_size: u64) -> Result<(), Error> {
         )));
     }
     let end = elf_extent(image).ok_or_else(|| Error::Config(format!("{what} has malformed program headers")))?;
-    let need = end.div_ceil(2 << 20) * (2 << 20) + MIN_FREE;
+    // Checked: a segment ending near 2^64 must not wrap to a small need.
+    let need = end.div_ceil(2 << 20).checked_mul(2 << 20).and_then(|n| n.checked_add(MIN_FREE));
+    let Some(need) = need.filter(|&n| n <= crate::vm::MAX_MEMORY) else {
+        return Err(Error::Config(format!(
+            "{what} loads up to {end:#x}, beyond the largest guest memory ({} MiB)",
+            crate::vm::MAX_MEMORY >> 20
+        )));
+    };
     if need > mem_size {
         return Err(Error::Config(format!(
             "--memory {} MiB is too small for {what}: it needs at least {} MiB",
@@ -119,6 +126,38 @@ mod test {
         check_elf(img, "guest", 256 << 20).unwrap();
         let e = check_elf(img, "guest", 2 << 20).unwrap_err();
         assert!(e.to_string().contains("too small"), "{e}");
+    }
+
+    /// An ELF64 with one PT_LOAD segment at `paddr` of `memsz` bytes.
+    fn elf64(paddr: u64, memsz: u64) -> Vec<u8> {
+        let mut f = b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0".to_vec();
+        f.extend_from_slice(&[2, 0, 62, 0, 1, 0, 0, 0]);
+        for v in [paddr, 64, 0] {
+            f.extend_from_slice(&v.to_le_bytes()); // entry, phoff, shoff
+        }
+        f.extend_from_slice(&[0; 4]); // flags
+        for v in [64u16, 56, 1, 64, 0, 0] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+        f.extend_from_slice(&1u32.to_le_bytes());
+        f.extend_from_slice(&7u32.to_le_bytes());
+        for v in [0u64, paddr, paddr, 0, memsz, 4096] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+        f
+    }
+
+    /// Before: the 2 MiB rounding overflowed (a panic in a debug build; in
+    /// a release build the need wrapped to 2 MiB and the image passed).
+    #[test]
+    fn a_segment_ending_near_2_pow_64_is_refused_by_name() {
+        let e = check_elf(&elf64(u64::MAX - 0x1000, 0x800), "k", 256 << 20).unwrap_err();
+        assert!(e.to_string().contains("beyond the largest guest memory"), "{e}");
+        let e = check_elf(&elf64(4 << 30, 0x1000), "k", 256 << 20).unwrap_err();
+        assert!(e.to_string().contains("beyond the largest guest memory"), "{e}");
+        let e = check_elf(&elf64(255 << 20, 0x1000), "k", 256 << 20).unwrap_err();
+        assert!(e.to_string().contains("too small"), "{e}");
+        check_elf(&elf64(1 << 20, 0x1000), "k", 256 << 20).unwrap();
     }
 
     #[test]

@@ -8,7 +8,7 @@ pub mod serial;
 pub mod shutdown;
 
 pub use serial::{Serial, COM1_BASE, COM1_END};
-pub use shutdown::{debug_exit_status, DEBUG_EXIT_PORT};
+pub use shutdown::DEBUG_EXIT_PORT;
 
 /// What a port write asks the VMM to do.
 #[derive(Debug, PartialEq, Eq)]
@@ -18,7 +18,7 @@ pub enum PioOut {
     /// No device claims the port.
     Unclaimed,
     /// The guest asked to stop the VM with this status.
-    Exit(u8),
+    Exit(u64),
 }
 
 /// The PC devices beyond the UART: fw_cfg, PCI configuration ports (no
@@ -42,12 +42,13 @@ impl Pc {
         match port {
             DEBUG_EXIT_PORT => {
                 let v = le_u32(data);
-                eprintln!("vkvm: guest wrote {v} to the debug-exit port");
-                PioOut::Exit(debug_exit_status(v))
+                // Once per VM, but a guest can make many clones.
+                crate::limited!(crate::ratelimit::GUEST_STOP, "guest wrote {v} to the debug-exit port");
+                PioOut::Exit(u64::from(v))
             }
             shutdown::BOCHS_SHUTDOWN_PORT => {
                 if data.iter().any(|&b| self.shutdown.write(b)) {
-                    eprintln!("vkvm: guest wrote \"Shutdown\" to port 0x8900");
+                    crate::limited!(crate::ratelimit::GUEST_STOP, "guest wrote \"Shutdown\" to port 0x8900");
                     PioOut::Exit(0)
                 } else {
                     PioOut::Done
@@ -101,7 +102,7 @@ mod test {
     fn routes_exits_and_claims() {
         let pc = Pc::new(2, 64 << 20);
         assert_eq!(pc.write(DEBUG_EXIT_PORT, &7u32.to_le_bytes()), PioOut::Exit(7));
-        assert_eq!(pc.write(DEBUG_EXIT_PORT, &[200]), PioOut::Exit(1));
+        assert_eq!(pc.write(DEBUG_EXIT_PORT, &[200]), PioOut::Exit(200));
         assert_eq!(pc.write(0x1234, &[0]), PioOut::Unclaimed);
         let mut out = PioOut::Done;
         for &b in b"Shutdown" {

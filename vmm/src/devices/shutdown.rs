@@ -8,16 +8,6 @@ pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 pub const BOCHS_SHUTDOWN_PORT: u16 = 0x8900;
 const SHUTDOWN: &[u8] = b"Shutdown";
 
-/// Status vkvm exits with after a debug-exit write of `v`: QEMU would exit
-/// with (v << 1) | 1; vkvm passes small values through as they are.
-pub fn debug_exit_status(v: u32) -> u8 {
-    if v <= 125 {
-        v as u8
-    } else {
-        1
-    }
-}
-
 /// Matches "Shutdown" written one byte at a time.
 #[derive(Default)]
 pub struct BochsShutdown {
@@ -47,13 +37,6 @@ impl BochsShutdown {
 #[cfg(test)]
 mod test {
     use super::*;
-
-    #[test]
-    fn debug_exit_maps_values() {
-        assert_eq!(debug_exit_status(0), 0);
-        assert_eq!(debug_exit_status(125), 125);
-        assert_eq!(debug_exit_status(126), 1);
-    }
 
     #[test]
     fn shutdown_needs_the_whole_word() {

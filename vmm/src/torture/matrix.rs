@@ -5,7 +5,9 @@
 //! skips the rest; the soak draws random configurations and random test
 //! lists from a seed until its time is up, and keeps going after a failure.
 
-use super::{need, print_failures, progress, run_plan, write_json, Config, Outcome, Plan, Torture, Windows, SUITE};
+use super::{
+    failures, json_file, need, progress, run_plan, write_json, Config, Outcome, Plan, Torture, Windows, SUITE,
+};
 use crate::cli::RunArgs;
 use crate::error::Error;
 use std::collections::BTreeMap;
@@ -103,18 +105,19 @@ pub fn matrix(
             }
         }
     }
-    eprintln!(
+    let mut json_file = json_file(json_out)?;
+    crate::status::eprint_line(&format!(
         "matrix: {} configurations x {} tests = {} runs, {} skipped",
         chosen.len(),
         tests.len(),
         plans.len(),
         tally.skipped.values().sum::<usize>()
-    );
+    ));
     let started = Instant::now();
     let results = run_all(run, plans, jobs, None)?;
     summarize(&mut tally, &results);
-    println!(
-        "matrix: {} configurations, {} runs: {} passed, {} failed, {} skipped, in {:.0} s",
+    let mut text = format!(
+        "matrix: {} configurations, {} runs: {} passed, {} failed, {} skipped, in {:.0} s\n",
         chosen.len(),
         results.len(),
         tally.pass,
@@ -123,11 +126,11 @@ pub fn matrix(
         started.elapsed().as_secs_f64()
     );
     for ((test, why), n) in &tally.skipped {
-        println!("  skipped {test} in {n} configuration(s): {why}");
+        text += &format!("  skipped {test} in {n} configuration(s): {why}\n");
     }
-    print_failures(&results);
-    if let Some(p) = json_out {
-        write_json(p, &results)?;
+    crate::status::print(&(text + &failures(&results)))?;
+    if let Some(f) = &mut json_file {
+        write_json(f, &results)?;
     }
     Ok(if tally.fail == 0 { 0 } else { 1 })
 }
@@ -148,7 +151,7 @@ fn run_all(run: &RunArgs, plans: Vec<Plan>, jobs: usize, deadline: Option<Instan
     std::thread::scope(|s| {
         for _ in 0..jobs.max(1) {
             s.spawn(|| loop {
-                if deadline.is_some_and(|d| Instant::now() >= d) {
+                if deadline.is_some_and(|d| Instant::now() >= d) || crate::signals::pending().is_some() {
                     return;
                 }
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -163,7 +166,7 @@ fn run_all(run: &RunArgs, plans: Vec<Plan>, jobs: usize, deadline: Option<Instan
                                     b.println(line);
                                 }
                             }
-                            None if !r.pass => eprintln!("{line}"),
+                            None if !r.pass => crate::status::eprint_line(&line),
                             None => {}
                         }
                         results.lock().unwrap_or_else(|e| e.into_inner()).push((i, r));
@@ -181,6 +184,9 @@ fn run_all(run: &RunArgs, plans: Vec<Plan>, jobs: usize, deadline: Option<Instan
     }
     if let Some(e) = error.into_inner().unwrap_or_else(|e| e.into_inner()) {
         return Err(e);
+    }
+    if let Some(sig) = crate::signals::pending() {
+        return Err(Error::Interrupted(sig));
     }
     let mut v = results.into_inner().unwrap_or_else(|e| e.into_inner());
     v.sort_by_key(|(i, _)| *i);
@@ -245,7 +251,8 @@ pub fn soak(run: &RunArgs, duration: Duration, seed: u64, jobs: usize, json_out:
     // Plans are drawn up front (more than can run), so that a seed fixes the
     // sequence whatever the timing; the deadline decides how far it gets.
     let plans: Vec<Plan> = (0..100_000).map(|_| random_plan(&mut rng, &all)).collect();
-    eprintln!("soak: seed {seed}, {} s, {} job(s)", duration.as_secs(), jobs.max(1));
+    let mut json_file = json_file(json_out)?;
+    crate::status::eprint_line(&format!("soak: seed {seed}, {} s, {} job(s)", duration.as_secs(), jobs.max(1)));
     let started = Instant::now();
     let results = run_all(run, plans, jobs, Some(started + duration))?;
     let mut configs: Vec<Config> = results.iter().map(|r| r.config).collect();
@@ -254,16 +261,16 @@ pub fn soak(run: &RunArgs, duration: Duration, seed: u64, jobs: usize, json_out:
     let pages: u64 = results.iter().filter_map(|r| r.pages).sum();
     let failed = results.iter().filter(|r| !r.pass).count();
     let tests: usize = results.iter().map(|r| r.name.split(',').count()).sum();
-    println!(
-        "soak: seed {seed}: {} runs ({tests} tests) in {} distinct configurations over {:.0} s, {pages} pages checked: {} passed, {failed} failed",
+    let text = format!(
+        "soak: seed {seed}: {} runs ({tests} tests) in {} distinct configurations over {:.0} s, {pages} pages checked: {} passed, {failed} failed\n",
         results.len(),
         configs.len(),
         started.elapsed().as_secs_f64(),
         results.len() - failed,
     );
-    print_failures(&results);
-    if let Some(p) = json_out {
-        write_json(p, &results)?;
+    crate::status::print(&(text + &failures(&results)))?;
+    if let Some(f) = &mut json_file {
+        write_json(f, &results)?;
     }
     Ok(if failed == 0 { 0 } else { 1 })
 }
