@@ -295,7 +295,13 @@ fn torture_failure_names_the_first_wrong_address_and_exits_1() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
-    assert!(stdout.contains("write-verify: cpu 0: first wrong address 0x"), "{stdout}");
+    assert!(stdout.contains("write-verify vm 0 cpu 0: first wrong address 0x"), "{stdout}");
+    assert!(stdout.contains("reproduce: ") && stdout.contains("inject=write-verify"), "{stdout}");
+    for l in stdout.lines() {
+        if let Some(d) = l.trim().strip_prefix("scratch files kept in ") {
+            std::fs::remove_dir_all(d).unwrap();
+        }
+    }
     let out = Command::new(VKVM).args(["torture", "--test", "nope"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown torture test 'nope'"));
