@@ -239,7 +239,9 @@ pub fn fault(map: &Map, addr: u64, access: Prot, flags: FaultFlags) -> Result<Re
             Step::PageIn(req) => stages::timed(Stage::PagerIo, || page_in(&mut fs, req))?,
             Step::NoMemory => {
                 nomem += 1;
-                if nomem > NOMEM_TRIES {
+                // Out of memory (`Vm::out_of_memory`): a frame freed by
+                // another map's thrash would be no progress: fail at once.
+                if nomem > NOMEM_TRIES || vm.out_of_memory() {
                     return Err(FaultError::NoMemory);
                 }
                 reclaim(vm);
@@ -795,7 +797,9 @@ fn page_in(fs: &mut Fs, req: PageInReq) -> Result<(), FaultError> {
             Ok(())
         }
         Ok(()) | Err(PagerError::Error) | Err(PagerError::NoSpace) => {
-            log::warn!(
+            static RL: crate::vm::RateLimit = crate::vm::RateLimit::new();
+            crate::warn_ratelimited!(
+                RL,
                 "vm_fault: pager read error, object {} page {}",
                 obj.id,
                 guard.ios.get(reqpage).map_or(0, |x| x.pindex)

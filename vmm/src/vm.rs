@@ -248,6 +248,7 @@ pub fn execute(args: &RunArgs, profiling: bool) -> Result<Finished, Error> {
         swap_fault: args.inject_swap_fault,
         vpt: args.vpt_regions.clone(),
         default_vpt: args.guest.is_none(),
+        clones: args.clones,
     })?);
     register_memory(&vm, &ram)?;
     create_irqchip(&vm)?;
