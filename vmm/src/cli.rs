@@ -165,7 +165,7 @@ pub struct RunArgs {
     /// Swap file (created; default: an unlinked temporary file).
     #[arg(long, value_name = "PATH")]
     pub swap: Option<PathBuf>,
-    /// Swap space (K/M/G); default twice the guest RAM.
+    /// Swap space (K/M/G); default twice the guest RAM per VM (x (1 + --clones)).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub swap_size: Option<u64>,
     /// Test only: make swap I/O fail (read-eio, short-read, write-eio, nospace).

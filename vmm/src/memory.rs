@@ -293,7 +293,7 @@ impl GuestRam {
         let mib = |b: u64| b >> 20;
         match self.vm.swap() {
             Some(s) if self.vm.swap_full() => format!(
-                "out of memory: the swap is full ({} MiB, shared by this VM and its clones) and all {} MiB of \
+                "out of memory: the swap is full ({} MiB, shared by this VM and any clones) and all {} MiB of \
                  --phys-mem hold data that cannot be written out; raise --swap-size (or --phys-mem)",
                 mib(s.slots() * 4096),
                 mib(self.vm.pool().max_resident() * 4096)
