@@ -430,3 +430,22 @@ impl Vm {
 }
 
 static NEXT_SWAP: AtomicU64 = AtomicU64::new(0);
+
+#[cfg(test)]
+mod tests {
+    use super::RateLimit;
+
+    #[test]
+    fn rate_limit_lets_a_burst_through_then_counts() {
+        let rl = RateLimit::new();
+        // Stay inside one second of the clock for the burst.
+        let start = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        if start.subsec_millis() > 900 {
+            std::thread::sleep(std::time::Duration::from_millis(150));
+        }
+        assert_eq!((0..3).map(|_| rl.check()).collect::<Vec<_>>(), vec![Some(0); 3]);
+        assert_eq!((0..1000).filter_map(|_| rl.check()).count(), 0, "suppressed past the burst");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert_eq!(rl.check(), Some(1000), "the next second reports how many were suppressed");
+    }
+}
