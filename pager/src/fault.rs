@@ -38,9 +38,14 @@ pub enum FaultError {
     /// object, vpte frame out of bounds (`KERN_PROTECTION_FAILURE`).
     #[error("protection failure")]
     Protection,
-    /// Pager I/O error or invalid vpte (`KERN_FAILURE`).
+    /// Pager I/O error (`KERN_FAILURE`).
     #[error("fault failure")]
     Failure,
+    /// The guest's vpte tables refuse the access: V clear, or no RW (write)
+    /// or NX (exec) at some level (`KERN_FAILURE` in the seed; told apart
+    /// here so an I/O error on a table page is never blamed on the guest).
+    #[error("invalid vpte")]
+    InvalidVpte,
     /// No frame could be freed in time.
     #[error("out of memory")]
     NoMemory,

@@ -129,18 +129,18 @@ fn model(read: &dyn Fn(u64, usize) -> Vpte, c: &Case, va: u64, access: Prot) -> 
     let (mut write_ok, mut nx) = (true, false);
     loop {
         if vpte & VPTE_V == 0 {
-            return Err(FaultError::Failure);
+            return Err(FaultError::InvalidVpte);
         }
         if vpte & VPTE_RW == 0 {
             write_ok = false;
             if write {
-                return Err(FaultError::Failure);
+                return Err(FaultError::InvalidVpte);
             }
         }
         if vpte & VPTE_NX != 0 {
             nx = true;
             if exec {
-                return Err(FaultError::Failure);
+                return Err(FaultError::InvalidVpte);
             }
         }
         if vpte & VPTE_PS != 0 || shift == 0 {

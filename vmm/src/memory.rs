@@ -305,16 +305,12 @@ impl GuestRam {
     /// Is a failed fault the guest's own doing (an access the map does not
     /// allow), to be reported to it as an exception? Otherwise the pager
     /// failed (I/O error, no memory) and the VM must stop.
-    pub fn guest_visible(&self, gpa: u64, err: FaultError) -> bool {
+    pub fn guest_visible(&self, _gpa: u64, err: FaultError) -> bool {
         match err {
-            FaultError::NotMapped | FaultError::Protection => true,
-            // An invalid vpte is the guest's; an I/O error is not.
-            FaultError::Failure => self
-                .map
-                .entries()
-                .iter()
-                .any(|e| gpa >= e.start && gpa < e.end && matches!(e.maptype, pager::MapType::VPageTable { .. })),
-            FaultError::NoMemory => false,
+            // An invalid vpte is the guest's; an I/O error (a table page
+            // included) is not.
+            FaultError::NotMapped | FaultError::Protection | FaultError::InvalidVpte => true,
+            FaultError::Failure | FaultError::NoMemory => false,
         }
     }
 
