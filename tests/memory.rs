@@ -129,6 +129,33 @@ fn full_swap_stops_the_vm_cleanly() {
     assert_one_line_error(&r, 3, "out of memory");
 }
 
+#[test]
+fn full_swap_shared_by_clones_stops_with_one_line() {
+    need_kvm!();
+    // Five VMs write their whole RAM into a 4 MiB budget and a 512 MiB swap
+    // (the default would scale with --clones and fit): the swap fills while
+    // the VMs still want new pages. Without the out-of-memory rule the VMs
+    // thrashed on each other's clean pages until --timeout.
+    let r = run(&[
+        "--clones",
+        "4",
+        "--phys-mem",
+        "4M",
+        "--swap-size",
+        "512M",
+        "--timeout",
+        "300",
+        "--cmdline",
+        "tests=cow-clone,write-verify",
+    ]);
+    assert_one_line_error(&r, 3, "the swap is full (512 MiB");
+    let err = r.stderr();
+    assert!(err.contains("raise --swap-size"), "{err}");
+    assert!(!err.contains("--timeout"), "the VMs thrashed until the timeout: {err}");
+    // Repeated warnings are rate-limited: a handful of lines, not millions.
+    assert!(err.lines().count() < 50, "{} stderr lines", err.lines().count());
+}
+
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }

@@ -38,9 +38,14 @@ pub enum FaultError {
     /// object, vpte frame out of bounds (`KERN_PROTECTION_FAILURE`).
     #[error("protection failure")]
     Protection,
-    /// Pager I/O error or invalid vpte (`KERN_FAILURE`).
+    /// Pager I/O error (`KERN_FAILURE`).
     #[error("fault failure")]
     Failure,
+    /// The guest's vpte tables refuse the access: V clear, or no RW (write)
+    /// or NX (exec) at some level (`KERN_FAILURE` in the seed; told apart
+    /// here so an I/O error on a table page is never blamed on the guest).
+    #[error("invalid vpte")]
+    InvalidVpte,
     /// No frame could be freed in time.
     #[error("out of memory")]
     NoMemory,
@@ -239,7 +244,9 @@ pub fn fault(map: &Map, addr: u64, access: Prot, flags: FaultFlags) -> Result<Re
             Step::PageIn(req) => stages::timed(Stage::PagerIo, || page_in(&mut fs, req))?,
             Step::NoMemory => {
                 nomem += 1;
-                if nomem > NOMEM_TRIES {
+                // Out of memory (`Vm::out_of_memory`): a frame freed by
+                // another map's thrash would be no progress: fail at once.
+                if nomem > NOMEM_TRIES || vm.out_of_memory() {
                     return Err(FaultError::NoMemory);
                 }
                 reclaim(vm);
@@ -795,7 +802,9 @@ fn page_in(fs: &mut Fs, req: PageInReq) -> Result<(), FaultError> {
             Ok(())
         }
         Ok(()) | Err(PagerError::Error) | Err(PagerError::NoSpace) => {
-            log::warn!(
+            static RL: crate::vm::RateLimit = crate::vm::RateLimit::new();
+            crate::warn_ratelimited!(
+                RL,
                 "vm_fault: pager read error, object {} page {}",
                 obj.id,
                 guard.ios.get(reqpage).map_or(0, |x| x.pindex)

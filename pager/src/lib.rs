@@ -47,7 +47,7 @@ pub use object::{collapse, ObjHandle, Object, ObjectKind};
 pub use pageout::{run_once, PageoutDaemon, PageoutReport};
 pub use pager::{FailHook, FailMode, PageIo, Pager, PagerError};
 pub use pmap::{Pmap, SoftMachine, SoftPmap};
-pub use vm::{Config, Prot, Stats, StatsSnapshot, Vm, VmError};
+pub use vm::{Config, Prot, RateLimit, Stats, StatsSnapshot, Vm, VmError};
 
 #[cfg(test)]
 mod tests {

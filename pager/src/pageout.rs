@@ -104,8 +104,10 @@ fn scan_chunk(vm: &Vm, obj: &Arc<Object>, pass: u32, free_target: u64, rep: &mut
             return (0, 0);
         }
         let mut to_free = Vec::new();
+        // With swap full a dirty anonymous page cannot be written: do not
+        // try (each try is a failed write and a warning).
         let can_swap = match g.kind {
-            ObjectKind::Anonymous | ObjectKind::Swap => vm.swap.is_some(),
+            ObjectKind::Anonymous | ObjectKind::Swap => vm.swap.is_some() && !vm.swap_full(),
             ObjectKind::File => g.pager.is_some(),
             ObjectKind::Device => false,
         };
@@ -193,7 +195,8 @@ fn scan_chunk(vm: &Vm, obj: &Arc<Object>, pass: u32, free_target: u64, rep: &mut
         None => Err(crate::pager::PagerError::Error),
     };
     if let Err(e) = res {
-        log::warn!("pageout: object {} write failed: {e}", obj.id());
+        static RL: crate::vm::RateLimit = crate::vm::RateLimit::new();
+        crate::warn_ratelimited!(RL, "pageout: object {} write failed: {e}", obj.id());
     }
     let mut g = obj.lock();
     let mut frames = Vec::with_capacity(n);

@@ -223,6 +223,56 @@ pub struct Vm {
     pub(crate) pageout_cursor: AtomicU64,
 }
 
+/// At most `BURST` messages per second from one call site; the rest are
+/// counted and the count is reported with the next message let through.
+pub struct RateLimit {
+    second: AtomicU64,
+    in_second: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl RateLimit {
+    const BURST: u64 = 3;
+    /// A limiter that has let nothing through yet.
+    pub const fn new() -> RateLimit {
+        RateLimit { second: AtomicU64::new(0), in_second: AtomicU64::new(0), suppressed: AtomicU64::new(0) }
+    }
+    /// `Some(n)` if a message may be written now (`n` were suppressed since
+    /// the last one written), `None` if it is to be suppressed.
+    pub fn check(&self) -> Option<u64> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if self.second.swap(now, Ordering::Relaxed) != now {
+            self.in_second.store(0, Ordering::Relaxed);
+        }
+        if self.in_second.fetch_add(1, Ordering::Relaxed) < Self::BURST {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+impl Default for RateLimit {
+    fn default() -> RateLimit {
+        RateLimit::new()
+    }
+}
+
+/// Logs a warning through a `RateLimit` (a static per call site).
+#[macro_export]
+macro_rules! warn_ratelimited {
+    ($rl:expr, $($arg:tt)+) => {
+        if let Some(n) = $rl.check() {
+            if n > 0 {
+                log::warn!("{} ({} similar messages suppressed)", format_args!($($arg)+), n);
+            } else {
+                log::warn!($($arg)+);
+            }
+        }
+    };
+}
+
 impl Vm {
     /// Creates a pager instance.
     pub fn new(config: Config) -> Result<Arc<Vm>, VmError> {
@@ -357,6 +407,22 @@ impl Vm {
         Ok((Object::create(self, ObjectKind::Device, pages, Some(Arc::new(dp)), Some(id)), frames))
     }
 
+    /// Is the swap full (configured, and no free slot)? Dirty anonymous
+    /// pages then cannot leave memory.
+    pub fn swap_full(&self) -> bool {
+        self.swap.as_ref().is_some_and(|s| s.free_slots() == 0)
+    }
+
+    /// Out of memory, for a fault that found no free frame: the swap is
+    /// full. The data the maps hold needs frames + swap slots; with no free
+    /// slot no dirty page can leave, so a frame could only come from a clean
+    /// page whose copy is in swap, whose owner would soon take one back: the
+    /// maps (however many share the pager) would thrash without progress
+    /// instead of failing. Such a fault fails at once, without the retries.
+    pub fn out_of_memory(&self) -> bool {
+        self.swap_full()
+    }
+
     /// Wakes the pageout daemon.
     pub fn wake_pageout(&self) {
         self.pageout_wake.notify_all();
@@ -364,3 +430,22 @@ impl Vm {
 }
 
 static NEXT_SWAP: AtomicU64 = AtomicU64::new(0);
+
+#[cfg(test)]
+mod tests {
+    use super::RateLimit;
+
+    #[test]
+    fn rate_limit_lets_a_burst_through_then_counts() {
+        let rl = RateLimit::new();
+        // Stay inside one second of the clock for the burst.
+        let start = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        if start.subsec_millis() > 900 {
+            std::thread::sleep(std::time::Duration::from_millis(150));
+        }
+        assert_eq!((0..3).map(|_| rl.check()).collect::<Vec<_>>(), vec![Some(0); 3]);
+        assert_eq!((0..1000).filter_map(|_| rl.check()).count(), 0, "suppressed past the burst");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert_eq!(rl.check(), Some(1000), "the next second reports how many were suppressed");
+    }
+}

@@ -76,7 +76,7 @@ pub(crate) fn lookup_normal(re: &MapEntry, addr: u64, access: Prot, prot: Prot) 
 }
 
 /// Walks the window entry `e` from its master through its table levels.
-/// Invalid vpte at any level -> `Failure`; write and NX permission are
+/// Invalid vpte at any level -> `InvalidVpte`; write and NX permission are
 /// ANDed across levels; a read fault maps read-only unless the leaf has
 /// RW|M (and every level RW).
 pub(crate) fn walk(
@@ -99,18 +99,18 @@ pub(crate) fn walk(
     let mut path: SmallVec<[PathEnt; 4]> = SmallVec::new();
     loop {
         if vpte & VPTE_V == 0 {
-            return Step::Err(FaultError::Failure);
+            return Step::Err(FaultError::InvalidVpte);
         }
         if vpte & VPTE_RW == 0 {
             write_ok = false;
             if fault_type.writable() {
-                return Step::Err(FaultError::Failure);
+                return Step::Err(FaultError::InvalidVpte);
             }
         }
         if vpte & VPTE_NX != 0 {
             nx = true;
             if fault_type.contains(Prot::EXEC) {
-                return Step::Err(FaultError::Failure);
+                return Step::Err(FaultError::InvalidVpte);
             }
         }
         if vpte & VPTE_PS != 0 || vshift == 0 {

@@ -9,17 +9,16 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Barrier};
 
-/// A pmap that, when prefault asks about the armed address, releases the
-/// writer and then waits a given number of spins before prefault goes on:
-/// sweeping the wait lands the writer's copy at every point of prefault's
-/// walk of that page's chain.
-struct RacePmap {
+/// A pmap that runs a hook when prefault asks about the armed address
+/// (just before it locks that page's top object).
+struct HookPmap {
     inner: Arc<SoftPmap>,
-    armed: parking_lot::Mutex<Option<(u64, Arc<Barrier>)>>,
-    spins: std::sync::atomic::AtomicU64,
+    armed: parking_lot::Mutex<Option<(u64, Hook)>>,
 }
 
-impl Pmap for RacePmap {
+type Hook = Box<dyn FnOnce() + Send>;
+
+impl Pmap for HookPmap {
     fn enter(&self, addr: u64, frame: Frame, prot: Prot, wired: bool) {
         self.inner.enter(addr, frame, prot, wired)
     }
@@ -30,7 +29,7 @@ impl Pmap for RacePmap {
         self.inner.protect(s, e, p)
     }
     fn extract(&self, a: u64) -> Option<Frame> {
-        let hit = {
+        let hook = {
             let mut g = self.armed.lock();
             if g.as_ref().is_some_and(|(x, _)| *x == a) {
                 g.take()
@@ -38,53 +37,91 @@ impl Pmap for RacePmap {
                 None
             }
         };
-        if let Some((_, bar)) = hit {
-            bar.wait();
-            for _ in 0..self.spins.load(Ordering::Relaxed) {
-                std::hint::spin_loop();
-            }
+        if let Some((_, f)) = hook {
+            f();
         }
         self.inner.extract(a)
     }
 }
 
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: plain syscalls on the calling thread with a local cpu set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+fn set_nice(n: i32) {
+    // SAFETY: changes the calling thread's priority only.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, n) };
+}
+
 /// A read fault's prefault walks a neighbour's chain while a write to that
 /// neighbour copies it into the top object: prefault must not enter the old
-/// backing frame over the copy (it held no lock between the two objects).
+/// backing frame over the copy. The reader (low priority) and the writer
+/// share one CPU and queue on the top object's lock (held by a third
+/// thread), reader first: when prefault releases the top object to go down
+/// the chain, it wakes the writer, which preempts it there. Walking hand
+/// over hand, prefault then entered the old frame over the writer's copy.
 #[test]
 fn prefault_never_enters_a_stale_backing_frame() {
-    const ROUNDS: u64 = 400;
+    const ROUNDS: u64 = 100;
     let vm = Vm::new(Config { prefault: 4, ..cfg(1 << 16) }).unwrap();
     let p = machine(&vm);
     p.map.map_anon(B, ROUNDS * 16 * PS, Prot::RW).unwrap();
     for i in 0..ROUNDS * 16 {
         p.write_u64(B + i * PS, i).unwrap();
     }
-    let pm = Arc::new(RacePmap { inner: SoftPmap::new(), armed: Default::default(), spins: Default::default() });
+    let pm = Arc::new(HookPmap { inner: SoftPmap::new(), armed: Default::default() });
     let c = p.map.fork(pm.clone()).unwrap();
     fault(&c, B, Prot::WRITE, FaultFlags::NONE).unwrap(); // the clone's shadow
+    let top = c.object_at(B).unwrap().arc().clone();
+    let cpu = 0;
     let mut stale = 0;
     for r in 1..ROUNDS {
         let base = B + r * 16 * PS;
-        let bar = Arc::new(Barrier::new(2));
-        pm.spins.store((r % 100) * 300, Ordering::Relaxed);
-        *pm.armed.lock() = Some((base + 9 * PS, bar.clone()));
-        let c2 = c.clone();
+        let (go, held, writer_go) = (Arc::new(Barrier::new(2)), Arc::new(Barrier::new(2)), Arc::new(Barrier::new(2)));
+        let (t, g, h, w) = (top.clone(), go.clone(), held.clone(), writer_go.clone());
+        let holder = std::thread::spawn(move || {
+            g.wait();
+            t.with_page(0, |_| {
+                h.wait();
+                std::thread::sleep(std::time::Duration::from_millis(3));
+                w.wait();
+                std::thread::sleep(std::time::Duration::from_millis(3));
+            });
+        });
+        let (c2, w2) = (c.clone(), writer_go.clone());
         let writer = std::thread::spawn(move || {
-            bar.wait();
+            pin_to_cpu(cpu);
+            w2.wait();
             fault(&c2, base + 9 * PS, Prot::WRITE, FaultFlags::NO_PREFAULT).unwrap();
         });
-        fault(&c, base + 8 * PS, Prot::READ, FaultFlags::NONE).unwrap();
-        if let Some((_, bar)) = pm.armed.lock().take() {
-            bar.wait(); // prefault did not ask about the page: release the writer
-        }
+        let (c3, pm3, g3, h3) = (c.clone(), pm.clone(), go.clone(), held.clone());
+        let reader = std::thread::spawn(move || {
+            pin_to_cpu(cpu);
+            set_nice(19);
+            let hook = move || {
+                g3.wait();
+                h3.wait();
+            };
+            *pm3.armed.lock() = Some((base + 9 * PS, Box::new(hook)));
+            fault(&c3, base + 8 * PS, Prot::READ, FaultFlags::NONE).unwrap();
+            if let Some((_, f)) = pm3.armed.lock().take() {
+                f(); // prefault did not ask about the page: keep the others going
+            }
+        });
+        reader.join().unwrap();
+        holder.join().unwrap();
         writer.join().unwrap();
-        let (_, _, top) = c.resident_page(base + 9 * PS).unwrap();
-        if pm.inner.extract(base + 9 * PS).is_some_and(|f| f != top) {
+        let (_, _, frame) = c.resident_page(base + 9 * PS).unwrap();
+        if pm.inner.extract(base + 9 * PS).is_some_and(|f| f != frame) {
             stale += 1;
         }
     }
-    assert_eq!(stale, 0, "{stale} of {ROUNDS} rounds left a stale translation of the old backing frame");
+    assert_eq!(stale, 0, "{stale} of {} rounds left a stale translation of the old backing frame", ROUNDS - 1);
 }
 
 #[test]

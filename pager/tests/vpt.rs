@@ -54,7 +54,7 @@ fn build(t: &T, levels: u32, va: u64, leaf: Vpte, dir_flags: Vpte) {
 #[test]
 fn vpt_unset_master_fails_until_setmap() {
     let t = setup(2);
-    assert_eq!(fault(&t.m.map, V, Prot::READ, FaultFlags::NONE).unwrap_err(), FaultError::Failure);
+    assert_eq!(fault(&t.m.map, V, Prot::READ, FaultFlags::NONE).unwrap_err(), FaultError::InvalidVpte);
 }
 
 #[test]
@@ -127,13 +127,13 @@ fn vpt_rw_and_nx_anded_across_levels() {
     let t = setup(2);
     // Directory without RW above a RW|M leaf.
     build(&t, 2, 5, vpte_make(300, VPTE_V | VPTE_RW | VPTE_M), VPTE_V);
-    assert_eq!(t.m.write_u64(V + 5 * PS, 1).unwrap_err(), FaultError::Failure);
+    assert_eq!(t.m.write_u64(V + 5 * PS, 1).unwrap_err(), FaultError::InvalidVpte);
     assert_eq!(t.m.read_u64(V + 5 * PS).unwrap(), marker(300));
     assert!(!t.m.pmap.pte(V + 5 * PS).unwrap().prot.writable(), "leaf-only upgrade is not taken");
     // NX on the directory: exec fails, read maps without EXEC.
     let t = setup(2);
     build(&t, 2, 5, vpte_make(300, VPTE_V | VPTE_RW), VPTE_V | VPTE_RW | VPTE_NX);
-    assert_eq!(t.m.exec(V + 5 * PS).unwrap_err(), FaultError::Failure);
+    assert_eq!(t.m.exec(V + 5 * PS).unwrap_err(), FaultError::InvalidVpte);
     t.m.read_u64(V + 5 * PS).unwrap();
     assert!(!t.m.pmap.pte(V + 5 * PS).unwrap().prot.contains(Prot::EXEC));
     let t = setup(2);
@@ -183,7 +183,7 @@ fn vpt_invalid_at_any_level_fails() {
     assert_eq!(t.m.read_u64(V + 5 * PS).unwrap(), marker(300));
     // Master.
     t.m.map.setmap(V, vpte_make(1, VPTE_RW)).unwrap();
-    assert_eq!(t.m.read_u64(V + 5 * PS).unwrap_err(), FaultError::Failure);
+    assert_eq!(t.m.read_u64(V + 5 * PS).unwrap_err(), FaultError::InvalidVpte);
     // Each table level.
     for lvl in 1..=3u64 {
         build(&t, 3, 5, vpte_make(300, VPTE_V | VPTE_RW), VPTE_V | VPTE_RW);
@@ -191,7 +191,7 @@ fn vpt_invalid_at_any_level_fails() {
         let old = ent(&t, lvl, idx);
         set_ent(&t, lvl, idx, old & !VPTE_V & !VPTE_A);
         t.m.map.inval(V, 64 * PS).unwrap();
-        assert_eq!(t.m.read_u64(V + 5 * PS).unwrap_err(), FaultError::Failure, "level {lvl}");
+        assert_eq!(t.m.read_u64(V + 5 * PS).unwrap_err(), FaultError::InvalidVpte, "level {lvl}");
         assert_eq!(ent(&t, lvl, idx) & VPTE_A, 0, "no A written into an invalid entry");
     }
 }
@@ -504,4 +504,28 @@ fn vpt_frames_outside_normal_entries_are_protection() {
     // A bad target range is refused.
     assert_eq!(t.m.map.map_vpagetable(V + 128 * PS, PS, 1, 1, 1).unwrap_err(), MapError::BadRange);
     assert_eq!(t.m.map.map_vpagetable(V + 128 * PS, PS, R, u64::MAX / 2, 1).unwrap_err(), MapError::BadRange);
+}
+
+#[test]
+fn vpt_swap_error_on_a_table_page_is_a_failure_not_an_invalid_vpte() {
+    // A swap read error while the walk brings a table page in is the
+    // pager's failure (the VMM stops the VM), never the guest's invalid
+    // vpte (which the VMM reports to the guest as a page fault).
+    let hook = FailHook::new();
+    let vm = Vm::new(Config { swap_hook: Some(hook.clone()), ..cfg(48) }).unwrap();
+    let m = machine(&vm);
+    let o = vm.anonymous(OBJ_PAGES);
+    m.map.map_object(R, OBJ_PAGES * PS, o, 0, Prot::ALL, Prot::ALL, Inherit::Copy, false).unwrap();
+    map_window(&m.map, 3);
+    let t = T { vm: vm.clone(), m };
+    t.m.write_u64(R + 300 * PS, marker(300)).unwrap();
+    build(&t, 3, 5, vpte_make(300, VPTE_V | VPTE_RW), VPTE_V | VPTE_RW);
+    assert_eq!(t.m.read_u64(V + 5 * PS).unwrap(), marker(300));
+    evict_all(&vm);
+    t.m.map.inval(V, 64 * PS).unwrap();
+    hook.set_read(FailMode::Eio);
+    assert_eq!(fault(&t.m.map, V + 5 * PS, Prot::READ, FaultFlags::NONE).unwrap_err(), FaultError::Failure);
+    hook.set_read(FailMode::None);
+    assert_eq!(t.m.read_u64(V + 5 * PS).unwrap(), marker(300), "nothing lost");
+    assert_eq!(t.m.read_u64(V + 6 * PS).unwrap_err(), FaultError::InvalidVpte);
 }

@@ -197,7 +197,8 @@ pub struct RunArgs {
     /// Allow --swap to overwrite an existing non-empty file.
     #[arg(long, requires = "swap")]
     pub swap_reuse: bool,
-    /// Swap space (K/M/G, at least 1M); default twice the guest RAM.
+    /// Swap space (K/M/G, at least 1M); default twice the guest RAM per VM
+    /// (x (1 + --clones)): the file is sparse.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub swap_size: Option<u64>,
     /// Test only: make swap I/O fail (read-eio, short-read, write-eio, nospace).

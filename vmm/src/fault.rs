@@ -7,7 +7,7 @@
 
 use crate::memory::GuestRam;
 use crate::uffd::Event;
-use log::{debug, warn};
+use log::debug;
 use pager::{FaultFlags, Prot};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -89,7 +89,8 @@ pub fn serve(
         let n = match uffd.read_events(&mut events) {
             Ok(n) => n,
             Err(e) => {
-                warn!("userfaultfd read failed: {e}");
+                static RL: pager::RateLimit = pager::RateLimit::new();
+                pager::warn_ratelimited!(RL, "userfaultfd read failed: {e}");
                 std::thread::sleep(std::time::Duration::from_millis(10));
                 continue;
             }
@@ -126,16 +127,12 @@ pub fn serve(
                     // rather than hand the guest zeros. The vCPU stays
                     // blocked until the VM ends.
                     debug!("guest fault at {gpa:#x} ({access:?}) failed: {e}");
-                    let why = match e {
-                        pager::FaultError::NoMemory if ram.vm.swap().is_some() => {
-                            " (no frame could be freed: swap full or failing?)"
-                        }
+                    on_error(match e {
                         pager::FaultError::NoMemory => {
-                            " (no frame could be freed, and there is no swap: see --phys-mem)"
+                            format!("guest page {gpa:#x} could not be brought in: {}", ram.no_memory_reason())
                         }
-                        _ => "",
-                    };
-                    on_error(format!("guest page {gpa:#x} could not be brought in: {e}{why}"));
+                        _ => format!("guest page {gpa:#x} could not be brought in: {e}"),
+                    });
                     continue;
                 }
             }

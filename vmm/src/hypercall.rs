@@ -149,6 +149,7 @@ mod fuzz {
             swap_fault: None,
             vpt: Vec::new(),
             default_vpt: false,
+            clones: 0,
         };
         let ram = Arc::new(GuestRam::new(&cfg).unwrap());
         let reports = Arc::new(Reports::default());

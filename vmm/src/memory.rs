@@ -91,6 +91,15 @@ pub struct MemConfig {
     /// if `default_vpt` (the bundled guest).
     pub vpt: Vec<crate::vpagetable::VptSpec>,
     pub default_vpt: bool,
+    /// `--clones`: VMs that will share this pager (and its swap) besides the first.
+    pub clones: u32,
+}
+
+/// Default swap: twice RAM for each VM that may share it (the VM and its
+/// `--clones`), since every clone can write all of its RAM. The file is
+/// sparse: only what is paged out takes disk space.
+pub fn default_swap_size(ram: u64, clones: u32) -> u64 {
+    ram.saturating_mul(2).saturating_mul(1 + clones as u64)
 }
 
 pub struct GuestRam {
@@ -132,7 +141,11 @@ impl GuestRam {
             store_bytes: (cfg.size * 8).max(1 << 30),
             max_resident: budget,
             swap_path: cfg.swap.clone(),
-            swap_bytes: if cfg.phys_mem.is_some() { cfg.swap_size.unwrap_or(cfg.size * 2) } else { 0 },
+            swap_bytes: if cfg.phys_mem.is_some() {
+                cfg.swap_size.unwrap_or(default_swap_size(cfg.size, cfg.clones))
+            } else {
+                0
+            },
             swap_hook: cfg.swap_fault.map(|f| {
                 use crate::cli::SwapFault as F;
                 let hook = pager::FailHook::new();
@@ -289,19 +302,30 @@ impl GuestRam {
         pager::write_guest(&self.map, gpa, buf)
     }
 
+    /// Why a fault found no memory, for the one line that stops the VM.
+    pub fn no_memory_reason(&self) -> String {
+        let mib = |b: u64| b >> 20;
+        match self.vm.swap() {
+            Some(s) if self.vm.swap_full() => format!(
+                "out of memory: the swap is full ({} MiB, shared by this VM and any clones) and all {} MiB of \
+                 --phys-mem hold data that cannot be written out; raise --swap-size (or --phys-mem)",
+                mib(s.slots() * 4096),
+                mib(self.vm.pool().max_resident() * 4096)
+            ),
+            Some(_) => "out of memory: no frame could be freed (swap writes failing?)".into(),
+            None => "out of memory: no frame could be freed, and there is no swap: see --phys-mem".into(),
+        }
+    }
+
     /// Is a failed fault the guest's own doing (an access the map does not
     /// allow), to be reported to it as an exception? Otherwise the pager
     /// failed (I/O error, no memory) and the VM must stop.
-    pub fn guest_visible(&self, gpa: u64, err: FaultError) -> bool {
+    pub fn guest_visible(&self, _gpa: u64, err: FaultError) -> bool {
         match err {
-            FaultError::NotMapped | FaultError::Protection => true,
-            // An invalid vpte is the guest's; an I/O error is not.
-            FaultError::Failure => self
-                .map
-                .entries()
-                .iter()
-                .any(|e| gpa >= e.start && gpa < e.end && matches!(e.maptype, pager::MapType::VPageTable { .. })),
-            FaultError::NoMemory => false,
+            // An invalid vpte is the guest's; an I/O error (a table page
+            // included) is not.
+            FaultError::NotMapped | FaultError::Protection | FaultError::InvalidVpte => true,
+            FaultError::Failure | FaultError::NoMemory => false,
         }
     }
 

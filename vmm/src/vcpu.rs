@@ -249,7 +249,10 @@ fn resolve_range(shared: &Shared, gpa: u64, len: u64, write: bool) -> Option<Ste
                 return Some(Step::Inject(GuestFault { gpa: gpa.max(page), write, tid: 0, error }));
             }
             Err(e) => {
-                return Some(Step::Stop(Outcome::Crash(format!("guest page {page:#x} could not be brought in: {e}"))))
+                let why = if e == pager::FaultError::NoMemory { shared.ram.no_memory_reason() } else { e.to_string() };
+                return Some(Step::Stop(Outcome::Crash(format!(
+                    "guest page {page:#x} could not be brought in: {why}"
+                ))));
             }
         }
         page += 0x1000;

@@ -343,6 +343,7 @@ pub fn execute(args: &RunArgs, profiling: bool, started: Instant) -> Result<Fini
         swap_fault: args.inject_swap_fault,
         vpt: args.vpt_regions.clone(),
         default_vpt: args.guest.is_none(),
+        clones: args.clones,
     })?);
     deadline.check("guest memory")?;
     register_memory(&vm, &ram)?;

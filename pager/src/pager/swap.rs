@@ -57,6 +57,16 @@ impl SwapPager {
         self.nslots - self.st.lock().free
     }
 
+    /// Slots in the swap file.
+    pub fn slots(&self) -> u64 {
+        self.nslots
+    }
+
+    /// Free slots.
+    pub fn free_slots(&self) -> u64 {
+        self.st.lock().free
+    }
+
     /// Slots held by one object.
     pub fn object_slots(&self, obj: u64) -> usize {
         self.st.lock().blocks.get(&obj).map_or(0, |m| m.len())
