@@ -65,7 +65,12 @@ pub struct ViewStats {
     pub installs: AtomicU64,
     /// Host mapping calls that failed (e.g. vm.max_map_count reached).
     pub map_errors: AtomicU64,
+    /// 2 MiB chunks re-laid in one mmap instead of a page remap (see `relayout`).
+    pub relayouts: AtomicU64,
 }
+
+/// Pages in a relayout chunk (2 MiB).
+const CHUNK: usize = 512;
 
 /// Host view of one guest-physical range.
 pub struct View {
@@ -77,6 +82,9 @@ pub struct View {
     /// Writes a frame's zeros into the page cache (read-only installs of a hole).
     zero_frame: Box<dyn Fn(Frame) -> bool + Send + Sync>,
     slots: Mutex<Vec<u64>>,
+    /// Backed ranges (page numbers, from `add_region`): a relayout chunk
+    /// never crosses into a neighbouring region's memslot or a gap.
+    regions: Mutex<Vec<(usize, usize)>>,
     /// While set, `protect` only records its ranges (see `defer_protect`).
     deferred: Mutex<Option<Vec<(u64, u64, Prot)>>>,
     /// Pages whose writable install of a never-seen frame waits for
@@ -132,6 +140,7 @@ impl View {
             uffd,
             zero_frame,
             slots: Mutex::new(vec![NO_FRAME; (size / PS) as usize]),
+            regions: Mutex::new(Vec::new()),
             deferred: Mutex::new(None),
             batch: Mutex::new(None),
             stats: ViewStats::default(),
@@ -170,7 +179,65 @@ impl View {
         for (i, s) in slots[(gpa / PS) as usize..((gpa + len) / PS) as usize].iter_mut().enumerate() {
             *s = if first_frame.is_some() { slot_of(first + i as u64) } else { NO_FRAME };
         }
+        self.regions.lock().push(((gpa / PS) as usize, ((gpa + len) / PS) as usize));
         Ok(())
+    }
+
+    /// Instead of remapping page `p` alone to `frame` (one more host VMA,
+    /// and vm.max_map_count caps a process at 65530), re-lay its whole 2 MiB
+    /// chunk in one mmap so that page `q` shows `frame - p + q`, when that
+    /// layout agrees with every page the chunk has present (or pending): the
+    /// chunk then costs one VMA and the object's later pages in it are in
+    /// place. This is what makes a clone's writes cheap in VMAs: its shadow
+    /// object's frames are contiguous, so a chunk the clone writes flips to
+    /// them once and stays. Present pages lose their PTE (they refault, as
+    /// after any remove); absent pages' slots only say what the VMA maps.
+    /// False (nothing done) when the layout would disagree with a present
+    /// page or fall off the frame numbers.
+    fn relayout(&self, slots: &mut [u64], p: usize, frame: Frame) -> io::Result<bool> {
+        let (r0, r1) = match self.regions.lock().iter().find(|&&(a, b)| p >= a && p < b) {
+            Some(&r) => r,
+            None => return Ok(false),
+        };
+        let c0 = (p & !(CHUNK - 1)).max(r0);
+        let c1 = ((p & !(CHUNK - 1)) + CHUNK).min(r1);
+        let Some(first) = frame.checked_sub((p - c0) as u64) else { return Ok(false) };
+        let agrees = slots[c0..c1]
+            .iter()
+            .enumerate()
+            .all(|(i, &s)| s & (PRESENT | PENDING) == 0 || slot_frame(s) == Some(first + i as u64));
+        if !agrees || c1 - c0 < 2 {
+            return Ok(false);
+        }
+        let host = self.base + c0 as u64 * PS;
+        let len = (c1 - c0) as u64 * PS;
+        let prot = match self.delivery {
+            Delivery::Uffd => libc::PROT_READ | libc::PROT_WRITE,
+            Delivery::Exit => libc::PROT_NONE,
+        };
+        // SAFETY: replacing one chunk of our own view with frames of our memfd.
+        let r = unsafe {
+            libc::mmap(
+                host as *mut libc::c_void,
+                len as usize,
+                prot,
+                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                self.pool_fd,
+                (first * PS) as libc::off_t,
+            )
+        };
+        if r == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        for (i, s) in slots[c0..c1].iter_mut().enumerate() {
+            // Pending installs stay pending: the VMA maps their frame still.
+            *s = slot_of(first + i as u64) | (*s & PENDING);
+        }
+        self.stats.relayouts.fetch_add(1, Ordering::Relaxed);
+        if let Some(u) = &self.uffd {
+            u.register(host, len, ALL_FAULTS)?;
+        }
+        Ok(true)
     }
 
     pub fn host_addr(&self) -> u64 {
@@ -348,13 +415,16 @@ impl Pmap for View {
             }
         }
         let res = (|| {
-            let mut seen = *slot & SEEN != 0;
-            if slot_frame(*slot) != Some(frame) {
-                self.map_frame(host, frame, prot)?;
+            let mut seen = slots[p] & SEEN != 0;
+            if slot_frame(slots[p]) != Some(frame) {
+                if !self.relayout(&mut slots, p, frame)? {
+                    self.map_frame(host, frame, prot)?;
+                }
                 seen = false;
             }
             self.install(host, frame, prot, seen)
         })();
+        let slot = &mut slots[p];
         match res {
             Ok(()) => *slot = slot_of(frame) | PRESENT | SEEN,
             Err(e) => {
@@ -481,5 +551,33 @@ mod test {
         assert_eq!(v.present_count(), 1);
         v.remove(0, 1 << 20);
         assert_eq!(v.extract(0x3000), None);
+    }
+
+    #[test]
+    fn a_chunk_is_relaid_once_instead_of_a_remap_per_page() {
+        let v = view(64 << 20);
+        v.add_region(0, 4 << 20, Some(0)).unwrap();
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        // Nothing present in the chunk: it flips to the new frames in one mmap.
+        v.enter(0x5000, 1005, Prot::RW, false);
+        assert_eq!((n(&v.stats.relayouts), n(&v.stats.remaps)), (1, 0));
+        assert_eq!(v.extract(0x5000), Some(1005));
+        // The object's next page in that chunk is in place now.
+        v.enter(0x6000, 1006, Prot::RW, false);
+        assert_eq!((n(&v.stats.relayouts), n(&v.stats.remaps)), (1, 0));
+        // Another layout would disagree with present pages: one page remap.
+        v.enter(0x7000, 7, Prot::RW, false);
+        assert_eq!((n(&v.stats.relayouts), n(&v.stats.remaps)), (1, 1));
+        assert_eq!([0x5000, 0x6000, 0x7000].map(|a| v.extract(a)), [Some(1005), Some(1006), Some(7)]);
+        // The second chunk is untouched, and a chunk never crosses a region.
+        v.enter(0x20_0000, 0x200, Prot::RW, false);
+        assert_eq!((n(&v.stats.relayouts), n(&v.stats.remaps)), (1, 1));
+        v.add_region(8 << 20, 8 << 12, Some(100)).unwrap();
+        v.enter((8 << 20) + 0x1000, 501, Prot::RW, false);
+        assert_eq!(n(&v.stats.relayouts), 2);
+        assert_eq!(v.extract((8 << 20) + 0x1000), Some(501));
+        // Frame numbers below zero cannot be laid out: a plain remap.
+        v.enter(0x30_5000, 2, Prot::RW, false);
+        assert_eq!((n(&v.stats.relayouts), n(&v.stats.remaps)), (2, 2));
     }
 }

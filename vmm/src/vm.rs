@@ -664,6 +664,7 @@ fn write_stats(file: &mut OutFile, done: &Finished) -> Result<(), Error> {
         "vpt": crate::vpagetable::stats(&shared.ram.vpt),
         "memory": {
             "host_remaps": shared.ram.view.stats.remaps.load(Ordering::Relaxed),
+            "host_relayouts": shared.ram.view.stats.relayouts.load(Ordering::Relaxed),
             "host_map_errors": shared.ram.view.stats.map_errors.load(Ordering::Relaxed),
             "resident_pages": shared.ram.vm.pool().resident(),
             "present_pages": shared.ram.view.present_count(),
