@@ -189,7 +189,9 @@ impl Plan {
         }
         let s = |x: &str| x.to_string();
         a.extend([s("--memory"), run.memory.to_string(), s("--vcpus"), c.vcpus.to_string()]);
-        a.extend([s("--cmdline"), cmdline, s("--timeout"), run.timeout.unwrap_or(300.0).to_string()]);
+        // A run of several tests gets the default timeout for each.
+        let timeout = run.timeout.unwrap_or(300.0 * self.tests.len().max(1) as f64);
+        a.extend([s("--cmdline"), cmdline, s("--timeout"), timeout.to_string()]);
         if run.kvm_device != Path::new("/dev/kvm") {
             a.extend([s("--kvm-device"), run.kvm_device.display().to_string()]);
         }
