@@ -483,7 +483,7 @@ impl Map {
         Ok(())
     }
 
-    /// Unwires `[start, start+len)`. The check, the pages and the entries'
+    /// Unwires `[start, start+len)` (`vm_fault_unwire` per entry). The check, the pages and the entries'
     /// counts change under one write lock, so two unwires of one wiring
     /// cannot both pass the check and strip another wiring of a shared page.
     pub fn unwire(&self, start: u64, len: u64) -> Result<(), MapError> {

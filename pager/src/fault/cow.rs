@@ -1,4 +1,5 @@
-//! `vm_fault_cow`: a write to a page found in a backing object. The page
+//! Copy-on-write (FreeBSD's `vm_fault_cow`; in the seed the "PAGE HAS BEEN
+//! FOUND" block of `vm_fault_object`): a write to a page found in a backing object. The page
 //! moves up into the first object when nobody else can see it
 //! (`vm_page_rename`, counted as the seed's `v_cow_optim`), else it is
 //! copied (`vm_page_copy`, `v_cow_faults`).

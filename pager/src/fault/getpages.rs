@@ -1,7 +1,7 @@
 //! Page-in: the seed's `readrest` block (read window, free-behind, busy
 //! placeholders; `vm_fault_additional_pages` picks the neighbours), done
 //! under the object lock, then `getpages` runs the pager with no lock held
-//! (`vm_pager_get_pages`).
+//! (`vm_pager_get_pages`; FreeBSD's `vm_fault_getpages` does both).
 
 use super::object::Chain;
 use super::{FaultError, FaultState, FirstObject, Held, Retry};
@@ -187,7 +187,8 @@ fn additional_pages(
 
 /// Owns a page-in's busy placeholders: unless committed, dropping it (on
 /// any path, unwinding included) removes them and frees their frames, drops
-/// the paging-in-progress count and wakes waiters.
+/// the paging-in-progress count (`vm_object_pip_wakeup`) and wakes waiters
+/// (`vm_page_wakeup`).
 struct PlaceholderGuard<'a> {
     vm: &'a Vm,
     obj: &'a Arc<Object>,

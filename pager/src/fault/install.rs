@@ -31,7 +31,7 @@ pub(super) fn install(fs: &mut FaultState, lk: Lookup, found: Found) -> Result<R
     stages::timed(Stage::Install, || fs.map.pmap.enter(fs.vaddr, frame, prot, fs.wired));
     if unswap {
         if let Some(p) = &pager {
-            // The backing copy is stale now: free its slot (under the lock,
+            // The backing copy is stale now (`vm_pager_page_unswapped`): free its slot (under the lock,
             // so pageout cannot write a new copy in between).
             p.page_unswapped(obj.id, pindex);
         }

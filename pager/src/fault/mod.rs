@@ -271,6 +271,7 @@ impl<'a> FaultState<'a> {
         match r {
             Retry::Again => {}
             Retry::WaitBusy(o, p) => {
+                // The seed's `v_intrans`.
                 bump(&vm.stats.busy_waits);
                 o.wait_unbusy(p);
             }

@@ -57,7 +57,7 @@ pub(crate) fn fault_object(fs: &mut FaultState, req: &FirstObject) -> Result<Fou
 }
 
 /// The chain walk of `vm_fault_object`: from the first object down
-/// (`vm_fault_next`), each object's lock kept in `chain`, until an object
+/// (FreeBSD's `vm_fault_next`), each object's lock kept in `chain`, until an object
 /// has the page (its depth) or the chain ends (`None`: zero-fill).
 fn walk_chain(fs: &mut FaultState, req: &FirstObject, chain: &mut Chain) -> Result<Option<usize>, Retry> {
     let mut obj = req.object.clone();
@@ -66,11 +66,12 @@ fn walk_chain(fs: &mut FaultState, req: &FirstObject, chain: &mut Chain) -> Resu
         let mut g = obj.lock();
         let depth = chain.len();
         if g.dead {
-            // A dead backing object was collapsed away under us: look again.
+            // `OBJ_DEAD`. A dead backing object was collapsed away under us: look again.
             return Err(if depth == 0 { FaultError::Protection.into() } else { Retry::Again });
         }
         if let Some(pg) = g.pages.get(&pindex) {
             if pg.has(pf::BUSY) {
+                // `vm_page_sleep_busy` once the locks are gone.
                 return Err(Retry::WaitBusy(obj.clone(), pindex));
             }
             if !pg.has(pf::VALID) {
@@ -87,7 +88,7 @@ fn walk_chain(fs: &mut FaultState, req: &FirstObject, chain: &mut Chain) -> Resu
             chain.push((obj, g, pindex));
             return Ok(Some(depth));
         }
-        // `vm_fault_next`: on to the backing object.
+        // On to the backing object (FreeBSD's `vm_fault_next`).
         let next = g.backing.as_ref().map(|b| b.arc().clone());
         let np = pindex.checked_add(g.backing_offset);
         chain.push((obj, g, pindex));

@@ -1,5 +1,6 @@
-//! `vm_fault_zerofill`: nobody down the chain has the page, so it is a new
-//! zero page in the first object.
+//! Zero-fill (FreeBSD's `vm_fault_zerofill`; in the seed the end of the
+//! chain in `vm_fault_object`, `vm_page_zero_fill`, `v_zfod`): nobody down
+//! the chain has the page, so it is a new zero page in the first object.
 
 use super::object::{Chain, Found};
 use super::{FaultKind, FaultState, Retry};
