@@ -93,7 +93,7 @@ pub enum MapError {
 }
 
 /// One map entry (`vm_map_entry`).
-pub struct MapEntry {
+pub(crate) struct MapEntry {
     pub(crate) start: u64,
     pub(crate) end: u64,
     pub(crate) object: ObjHandle,
@@ -443,6 +443,12 @@ impl Map {
     pub fn lookup(&self, addr: u64) -> Option<EntryInfo> {
         let g = self.inner.read();
         g.lookup(addr).map(info)
+    }
+
+    /// Whether `addr` is in a VPAGETABLE window (`map_vpagetable`), so the
+    /// VMM need not walk `entries()` to tell a window fault from a RAM one.
+    pub fn in_window(&self, addr: u64) -> bool {
+        self.inner.read().lookup(addr).is_some_and(|e| matches!(e.maptype, MapType::VPageTable { .. }))
     }
 
     /// Entry snapshots.

@@ -11,9 +11,9 @@ use parking_lot::Mutex;
 use std::sync::Arc;
 
 /// Index of a pmap in its `Vm` (reverse map entries name pmaps by it).
-pub type PmapId = u32;
+pub(crate) type PmapId = u32;
 /// Virtual page number (address >> 12).
-pub type Vpn = u64;
+pub(crate) type Vpn = u64;
 
 /// What the pager needs from a translation layer. The VMM implements it with
 /// host mappings of guest views; `SoftPmap` is the software model.

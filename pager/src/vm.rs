@@ -353,7 +353,7 @@ impl Vm {
     }
 
     /// Live objects (for pageout).
-    pub fn live_objects(&self) -> Vec<Arc<Object>> {
+    pub(crate) fn live_objects(&self) -> Vec<Arc<Object>> {
         let mut v = self.objects.lock();
         v.retain(|w| w.strong_count() > 0);
         v.iter().filter_map(|w| w.upgrade()).collect()
@@ -424,7 +424,7 @@ impl Vm {
     }
 
     /// Wakes the pageout daemon.
-    pub fn wake_pageout(&self) {
+    pub(crate) fn wake_pageout(&self) {
         self.pageout_wake.notify_all();
     }
 }

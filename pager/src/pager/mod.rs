@@ -1,9 +1,9 @@
 //! Pagers: where an object's pages come from and go to (`vm_pager`).
 
-pub mod device;
-pub mod file;
-pub mod mem;
-pub mod swap;
+pub(crate) mod device;
+pub(crate) mod file;
+pub(crate) mod mem;
+pub(crate) mod swap;
 
 use crate::frame::{Frame, FramePool};
 use std::sync::atomic::{AtomicU8, Ordering};
