@@ -4,7 +4,7 @@
 //! `SoftPmap` is the software model used by the tests).
 //!
 //! ```
-//! use ::pager::*; // `::` because the crate has a `pager` module too
+//! use ::pager::*; // everything a VMM needs is at the root
 //! let vm = Vm::new(Config { store_bytes: 1 << 30, max_resident: 256, swap_bytes: 1 << 20, ..Default::default() }).unwrap();
 //! let pmap = SoftPmap::new();
 //! let map = Map::new(&vm, pmap.clone());

@@ -414,11 +414,12 @@ impl Vm {
     }
 
     /// Out of memory, for a fault that found no free frame: the swap is
-    /// full (where the seed asks `vm_page_count_severe`). The data the maps hold needs frames + swap slots; with no free
-    /// slot no dirty page can leave, so a frame could only come from a clean
-    /// page whose copy is in swap, whose owner would soon take one back: the
-    /// maps (however many share the pager) would thrash without progress
-    /// instead of failing. Such a fault fails at once, without the retries.
+    /// full (where the seed asks `vm_page_count_severe`). The data the maps
+    /// hold needs frames + swap slots; with no free slot no dirty page can
+    /// leave, so a frame could only come from a clean page whose copy is in
+    /// swap, whose owner would soon take one back: the maps (however many
+    /// share the pager) would thrash without progress instead of failing.
+    /// Such a fault fails at once, without the retries.
     pub fn out_of_memory(&self) -> bool {
         self.swap_full()
     }

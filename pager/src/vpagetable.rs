@@ -1,9 +1,10 @@
 //! VPAGETABLE translation (`vm_fault_vpagetable`, the 2017+ behaviour with
-//! the decisions in DESIGN.md): the guest's vpte tables map a VA-side page
-//! index to a frame number `i`, the page the map shows at
-//! `target + i * 4096` (its RAM). Table and data pages are resolved through
-//! the map's `Normal` entry there, exactly as a fault at that address, so a
-//! window always sees its own VM's memory (shadow objects included).
+//! the decisions listed in pager/README.md, "Decisions (quirks)", the
+//! VPAGETABLE items): the guest's vpte tables map a VA-side page index to a
+//! frame number `i`, the page the map shows at `target + i * 4096` (its
+//! RAM). Table and data pages are resolved through the map's `Normal` entry
+//! there, exactly as a fault at that address, so a window always sees its
+//! own VM's memory (shadow objects included).
 
 use crate::fault::{fault_object, lookup_normal, FaultError, FaultState, Found, Held, Retry};
 use crate::frame::{Frame, PAGE_SIZE};

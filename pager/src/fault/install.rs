@@ -58,9 +58,10 @@ pub(super) fn install(fs: &mut FaultState, lk: Lookup, found: Found) -> Result<R
 /// The page's state for the enter: the protection to enter with (a clean
 /// page read-only on a read, so the first write faults and dirties it),
 /// dirty if entered writable (then its swap copy is stale: `true`),
-/// referenced, wired or unwired (`VM_FAULT_WIRE`; a window's wiring is
-/// recorded by `window_target`, the address it names), else activated
-/// (`vm_page_activate`), and the reverse-map entry.
+/// referenced, wired or unwired (`vm_page_wire`/`vm_page_unwire` on
+/// `VM_FAULT_WIRE`; a window's wiring is recorded by `window_target`, the
+/// address it names), else activated (`vm_page_activate`), and the
+/// reverse-map entry.
 fn mark_page(
     fs: &FaultState,
     page: &mut Page,
