@@ -15,19 +15,21 @@ use crate::vm::{bump, Prot};
 use crate::vpagetable;
 
 /// Enters the found page at the faulting address and finishes the fault.
+#[inline]
 pub(super) fn install(fs: &mut FaultState, lk: Lookup, found: Found) -> Result<Resolved, Retry> {
-    let Lookup { entry, walk, target_addr, .. } = lk;
+    let Lookup { entry, target_addr, .. } = lk;
     let is_vpt = matches!(entry.maptype, MapType::VPageTable { .. });
     let Found { g: mut og, obj, pindex, prot, kind } = found;
     let pager = og.pager.clone();
     let Some(page) = og.pages.get_mut(&pindex) else {
+        fs.walk = None;
         return Err(Retry::Again);
     };
     let (prot, unswap) = mark_page(fs, page, prot, kind, is_vpt.then_some(target_addr));
     let frame = page.frame;
     // A/M before the enter: the guest may run (and read its vptes) as soon
     // as the page is in.
-    let changed = walk.as_ref().map_or(0, |w| vpagetable::set_accessed(fs.vm, w, fs.fault_type));
+    let changed = fs.walk.as_ref().map_or(0, |w| vpagetable::set_accessed(fs.vm, w, fs.fault_type));
     stages::timed(Stage::Install, || fs.map.pmap.enter(fs.vaddr, frame, prot, fs.wired));
     if unswap {
         if let Some(p) = &pager {
@@ -38,8 +40,11 @@ pub(super) fn install(fs: &mut FaultState, lk: Lookup, found: Found) -> Result<R
     }
     let held = if fs.flags.has(FaultFlags::HOLD) { Held::new(&mut og, &obj, pindex) } else { None };
     drop(og);
-    if let Some(w) = walk {
-        vpagetable::dirty_tables(&w, changed);
+    if let Some(w) = &fs.walk {
+        vpagetable::dirty_tables(w, changed);
+        // The table pages' holds end here (not `take()`: that would copy
+        // the whole walk on every fault).
+        fs.walk = None;
     }
     count(fs, kind);
     let mut pre = Vec::new();
@@ -62,6 +67,7 @@ pub(super) fn install(fs: &mut FaultState, lk: Lookup, found: Found) -> Result<R
 /// `VM_FAULT_WIRE`; a window's wiring is recorded by `window_target`, the
 /// address it names), else activated (`vm_page_activate`), and the
 /// reverse-map entry.
+#[inline]
 fn mark_page(
     fs: &FaultState,
     page: &mut Page,

@@ -7,7 +7,7 @@ use crate::map::{MapEntry, MapInner, MapType};
 use crate::object::Object;
 use crate::stages::{self, Stage};
 use crate::vm::Prot;
-use crate::vpagetable::{self, Walk};
+use crate::vpagetable;
 use std::sync::Arc;
 
 /// What `vm_fault_object` resolves: the seed's `fs->first_object`,
@@ -40,14 +40,12 @@ pub(crate) struct Lookup<'g> {
     /// The address of the page in its `Normal` entry: the faulting address,
     /// or for a window the address its vptes name.
     pub(crate) target_addr: u64,
-    /// The VPAGETABLE walk (windows only): A/M go into its path after the
-    /// page is found.
-    pub(crate) walk: Option<Walk>,
 }
 
 /// The lookup step: `vm_map_lookup` and the checks after it in `vm_fault`.
 /// A write to a needs-copy entry (or a wiring of a writable one) first gets
 /// its shadow (`Retry::NeedsCopy`); a read maps the backing page read-only.
+#[inline]
 pub(super) fn lookup<'g>(fs: &mut FaultState, g: &'g MapInner) -> Result<Lookup<'g>, Retry> {
     fs.begin_pass(g.timestamp);
     let vaddr = fs.vaddr;
@@ -78,18 +76,20 @@ pub(super) fn lookup<'g>(fs: &mut FaultState, g: &'g MapInner) -> Result<Lookup<
         fault_type: fs.fault_type,
         keep: Some(vaddr),
     };
-    Ok(Lookup { entry: e, first, target_addr: vaddr, walk: None })
+    Ok(Lookup { entry: e, first, target_addr: vaddr })
 }
 
 /// A fault in the VPAGETABLE window `e`: walk its vptes
-/// (`vm_fault_vpagetable`), then resolve the page they name through the
-/// `Normal` entry there, exactly as a fault at that address.
+/// (`vm_fault_vpagetable`, the walk kept in `fs.walk` for the A/M update),
+/// then resolve the page they name through the `Normal` entry there,
+/// exactly as a fault at that address.
 fn window<'g>(fs: &mut FaultState, g: &'g MapInner, e: &'g MapEntry) -> Result<Lookup<'g>, Retry> {
     let w = vpagetable::walk(fs, g, e)?;
     let (re, addr) = vpagetable::target_entry(g, e, w.frame)?;
     let mut first = lookup_normal(re, addr, fs.fault_type, w.prot)?;
     first.keep = Some(fs.vaddr);
-    Ok(Lookup { entry: e, first, target_addr: addr, walk: Some(w) })
+    fs.walk = Some(w);
+    Ok(Lookup { entry: e, first, target_addr: addr })
 }
 
 /// The first object, page index and protection for a fault needing

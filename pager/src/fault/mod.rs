@@ -42,6 +42,7 @@ use crate::map::{Map, MapInner};
 use crate::object::Object;
 use crate::stages::{self, Stage};
 use crate::vm::{bump, Prot, Vm};
+use crate::vpagetable::Walk;
 use getpages::PageInReq;
 use smallvec::SmallVec;
 use std::sync::atomic::Ordering;
@@ -178,9 +179,9 @@ impl From<FaultError> for Retry {
 /// A fault's state (`struct faultstate`), passed to every step. What
 /// survives a retry (`RetryFault:` in the seed): the request, `hardfault`,
 /// `didlimit`, held pages, pagers to skip. What each pass's lookup sets:
-/// `wired`, `fault_type`, `map_generation`. What borrows the map (entries,
-/// first object and index, the VPAGETABLE walk) lives in `lookup::Lookup`,
-/// valid while the pass holds the map read lock.
+/// `wired`, `fault_type`, `map_generation`, the VPAGETABLE walk. What
+/// borrows the map (entries, first object and index) lives in
+/// `lookup::Lookup`, valid while the pass holds the map read lock.
 pub(crate) struct FaultState<'a> {
     pub(crate) map: &'a Map,
     pub(crate) vm: &'a Vm,
@@ -196,6 +197,10 @@ pub(crate) struct FaultState<'a> {
     pub(crate) fault_type: Prot,
     /// `fs->map_generation`: the map timestamp of this pass's lookup.
     pub(crate) map_generation: u64,
+    /// This pass's VPAGETABLE walk (`vm_fault_vpagetable`), windows only:
+    /// its table pages stay held until `install` sets A/M; dropped with the
+    /// pass if it stops short.
+    pub(crate) walk: Option<Walk>,
     /// The generation at which a pass let go of the map for pager I/O (the
     /// seed's `lookup_still_valid == FALSE`); checked by the next lookup.
     io_generation: Option<u64>,
@@ -222,6 +227,7 @@ impl<'a> FaultState<'a> {
             wired: false,
             fault_type: access,
             map_generation: 0,
+            walk: None,
             io_generation: None,
             hardfault: false,
             didlimit: false,
@@ -246,11 +252,17 @@ impl<'a> FaultState<'a> {
     /// `vm_fault_ratelimit`: once per fault, throttle when free frames are
     /// short. Called before every new page in the first object (zero-fill,
     /// page-in, COW copy).
+    #[inline]
     fn ratelimit(&mut self) -> Result<(), Retry> {
-        let c = &self.vm.config;
-        if self.didlimit || !c.ratelimit {
+        if self.didlimit || !self.vm.config.ratelimit {
             return Ok(());
         }
+        self.ratelimit_load()
+    }
+
+    /// `vm_fault_ratelimit` once the fault may be limited: the load test.
+    fn ratelimit_load(&mut self) -> Result<(), Retry> {
+        let c = &self.vm.config;
         let max = self.vm.pool.max_resident().max(1);
         let load = (self.vm.pool.resident() * 1000 / max).min(1000);
         if load < c.ratelimit_load {
@@ -328,8 +340,15 @@ pub fn fault(map: &Map, addr: u64, access: Prot, flags: FaultFlags) -> Result<Re
 /// install (-> prefault).
 fn fault_pass(fs: &mut FaultState, g: &MapInner) -> Result<Resolved, Retry> {
     let lk = lookup::lookup(fs, g)?;
-    let found = stages::timed(Stage::ChainWalk, || object::fault_object(fs, &lk.first))?;
-    install::install(fs, lk, found)
+    match stages::timed(Stage::ChainWalk, || object::fault_object(fs, &lk.first)) {
+        Ok(found) => install::install(fs, lk, found),
+        Err(r) => {
+            // A window's walk (its table pages' holds) ends with the pass,
+            // under the map lock.
+            fs.walk = None;
+            Err(r)
+        }
+    }
 }
 
 /// Waits for pageout to free frames (running it directly if needed).

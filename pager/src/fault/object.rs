@@ -32,7 +32,7 @@ pub(crate) struct Found {
 pub(crate) fn fault_object(fs: &mut FaultState, req: &FirstObject) -> Result<Found, Retry> {
     let mut chain = Chain::new();
     let Some(depth) = walk_chain(fs, req, &mut chain)? else {
-        return zerofill::zerofill(fs, chain, req.prot);
+        return zerofill::zerofill(fs, &mut chain, req.prot);
     };
     let plain = if fs.hardfault { FaultKind::PagerIn } else { FaultKind::Soft };
     let Some((obj, mut g, pindex)) = chain.pop() else {

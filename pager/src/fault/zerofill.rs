@@ -9,7 +9,7 @@ use crate::vm::Prot;
 
 /// A fresh frame in the first object (`chain[0]`). A fresh frame is a hole,
 /// so it is already zero; it is dirty (no copy exists anywhere).
-pub(super) fn zerofill(fs: &mut FaultState, mut chain: Chain, prot: Prot) -> Result<Found, Retry> {
+pub(super) fn zerofill(fs: &mut FaultState, chain: &mut Chain, prot: Prot) -> Result<Found, Retry> {
     fs.ratelimit()?;
     chain.truncate(1);
     let Some((obj, mut g, pindex)) = chain.pop() else {
