@@ -1,7 +1,6 @@
 //! Fault path benchmarks: resident re-fault, zero-fill, COW copy, COW rename,
 //! swap-in of a page in the host page cache; prints metadata bytes per page.
 
-use ::pager::map::{Behavior, Inherit};
 use ::pager::*;
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::sync::Arc;
@@ -148,8 +147,8 @@ fn benches(c: &mut Criterion) {
     let s = vs.stats().snapshot();
     println!("swap-in bench: {} major faults, {} pages read, {} written", s.pager_in, s.pages_in, s.pages_out);
 
-    let page = std::mem::size_of::<::pager::page::Page>();
-    let entry = std::mem::size_of::<(u64, ::pager::page::Page)>();
+    let page = std::mem::size_of::<Page>();
+    let entry = std::mem::size_of::<(u64, Page)>();
     // hashbrown: one control byte per bucket, load factor <= 7/8.
     let per = (entry as f64 + 1.0) * 8.0 / 7.0;
     println!("metadata: Page {page} B, map entry {entry} B, ~{per:.1} B per resident page at the worst load factor (rmap with one mapping inline)");

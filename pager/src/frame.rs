@@ -71,7 +71,7 @@ unsafe impl Sync for FramePool {}
 impl FramePool {
     /// Creates a pool of `store_bytes` virtual (sparse) bytes, at most
     /// `max_resident` frames allocated at once.
-    pub fn new(store_bytes: u64, max_resident: u64) -> Result<FramePool, PoolError> {
+    pub(crate) fn new(store_bytes: u64, max_resident: u64) -> Result<FramePool, PoolError> {
         let nframes = (store_bytes / PAGE_SIZE as u64).max(64);
         let size = nframes * PAGE_SIZE as u64;
         // SAFETY: plain syscalls with valid arguments; results checked.
@@ -177,7 +177,7 @@ impl FramePool {
     }
 
     /// Allocates a frame, `pref` if it is free. `None` when over budget or full.
-    pub fn alloc(&self, pref: Option<Frame>) -> Option<Frame> {
+    pub(crate) fn alloc(&self, pref: Option<Frame>) -> Option<Frame> {
         let max = self.max_resident();
         let mut st = self.state.lock();
         if self.resident.load(Ordering::Relaxed) >= max {
@@ -189,7 +189,7 @@ impl FramePool {
     }
 
     /// Allocates a frame outside the budget (device memory).
-    pub fn alloc_unbudgeted(&self) -> Option<Frame> {
+    pub(crate) fn alloc_unbudgeted(&self) -> Option<Frame> {
         let mut st = self.state.lock();
         self.alloc_locked(&mut st, None)
     }
@@ -219,13 +219,13 @@ impl FramePool {
     }
 
     /// Frees a frame. `touched` = it may hold data (else it is still a hole).
-    pub fn free(&self, frame: Frame, touched: bool) {
+    pub(crate) fn free(&self, frame: Frame, touched: bool) {
         self.free_inner(frame, touched, true);
     }
 
     /// Frees many frames, punching contiguous runs with one `fallocate` each
     /// (pageout frees object pages, which preferred frames keep contiguous).
-    pub fn free_many(&self, frames: &mut [(Frame, bool)]) {
+    pub(crate) fn free_many(&self, frames: &mut [(Frame, bool)]) {
         frames.sort_unstable_by_key(|f| f.0);
         let mut i = 0;
         while i < frames.len() {
@@ -257,7 +257,7 @@ impl FramePool {
     }
 
     /// Frees a device frame allocated with `alloc_unbudgeted`.
-    pub fn free_unbudgeted(&self, frame: Frame) {
+    pub(crate) fn free_unbudgeted(&self, frame: Frame) {
         self.free_inner(frame, true, false);
     }
 
@@ -309,7 +309,7 @@ impl FramePool {
     }
 
     /// Waits up to `timeout` for a frame to be freed.
-    pub fn wait_free(&self, timeout: Duration) {
+    pub(crate) fn wait_free(&self, timeout: Duration) {
         let mut st = self.state.lock();
         if self.resident() < self.max_resident() {
             return;

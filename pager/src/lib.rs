@@ -4,7 +4,7 @@
 //! `SoftPmap` is the software model used by the tests).
 //!
 //! ```
-//! use ::pager::*; // `::` because the crate has a `pager` module too
+//! use ::pager::*; // everything a VMM needs is at the root
 //! let vm = Vm::new(Config { store_bytes: 1 << 30, max_resident: 256, swap_bytes: 1 << 20, ..Default::default() }).unwrap();
 //! let pmap = SoftPmap::new();
 //! let map = Map::new(&vm, pmap.clone());
@@ -25,28 +25,34 @@
 
 #![warn(missing_docs)]
 
-pub mod fault;
-pub mod frame;
-pub mod map;
-pub mod object;
-pub mod page;
-pub mod pageout;
-pub mod pager;
-pub mod pmap;
+// Internals: the VMM uses what is re-exported below, plus the two public
+// modules `stages` (profiler timing) and `vpte` (the guest includes it).
+mod fault;
+mod frame;
+mod map;
+mod object;
+mod page;
+mod pageout;
+mod pager;
+mod pmap;
 pub mod stages;
-pub mod vm;
-pub mod vpagetable;
+mod vm;
+mod vpagetable;
 pub mod vpte;
 
 pub use fault::{
     access, fault, fault_range, quick_fault, read_guest, write_guest, FaultError, FaultFlags, FaultKind, Held, Resolved,
 };
-pub use frame::{Frame, FramePool, PAGE_SIZE};
-pub use map::{Behavior, FileMode, Inherit, Map, MapError, MapType};
+pub use frame::{Frame, FramePool, PoolError, PAGE_SIZE};
+pub use map::{Behavior, EntryInfo, FileMode, Inherit, Map, MapError, MapType, MAX_ADDRESS};
 pub use object::{collapse, ObjHandle, Object, ObjectKind};
+pub use page::{Page, Queue};
 pub use pageout::{run_once, PageoutDaemon, PageoutReport};
+pub use pager::mem::{GetCall, MemPager};
+pub use pager::swap::SwapPager;
 pub use pager::{FailHook, FailMode, PageIo, Pager, PagerError};
-pub use pmap::{Pmap, SoftMachine, SoftPmap};
+pub use pmap::{Pmap, SoftMachine, SoftPmap, SoftPte};
+pub use stages::Stage;
 pub use vm::{Config, Prot, RateLimit, Stats, StatsSnapshot, Vm, VmError};
 
 #[cfg(test)]

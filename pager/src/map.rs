@@ -93,7 +93,7 @@ pub enum MapError {
 }
 
 /// One map entry (`vm_map_entry`).
-pub struct MapEntry {
+pub(crate) struct MapEntry {
     pub(crate) start: u64,
     pub(crate) end: u64,
     pub(crate) object: ObjHandle,
@@ -445,6 +445,12 @@ impl Map {
         g.lookup(addr).map(info)
     }
 
+    /// Whether `addr` is in a VPAGETABLE window (`map_vpagetable`), so the
+    /// VMM need not walk `entries()` to tell a window fault from a RAM one.
+    pub fn in_window(&self, addr: u64) -> bool {
+        self.inner.read().lookup(addr).is_some_and(|e| matches!(e.maptype, MapType::VPageTable { .. }))
+    }
+
     /// Entry snapshots.
     pub fn entries(&self) -> Vec<EntryInfo> {
         self.inner.read().entries.values().map(info).collect()
@@ -483,7 +489,7 @@ impl Map {
         Ok(())
     }
 
-    /// Unwires `[start, start+len)`. The check, the pages and the entries'
+    /// Unwires `[start, start+len)` (`vm_fault_unwire` per entry). The check, the pages and the entries'
     /// counts change under one write lock, so two unwires of one wiring
     /// cannot both pass the check and strip another wiring of a shared page.
     pub fn unwire(&self, start: u64, len: u64) -> Result<(), MapError> {

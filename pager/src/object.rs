@@ -25,7 +25,7 @@ pub enum ObjectKind {
 }
 
 /// Mutable object state, under the object's mutex.
-pub struct ObjState {
+pub(crate) struct ObjState {
     pub(crate) kind: ObjectKind,
     pub(crate) size: u64,
     pub(crate) backing: Option<ObjHandle>,

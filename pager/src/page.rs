@@ -182,7 +182,7 @@ mod tests {
 /// tens of ns per resident-page lookup; keys here are not attacker-chosen
 /// hash-flooding material beyond what a multiply-shift spreads well).
 #[derive(Default, Clone, Copy)]
-pub struct IndexHasher(u64);
+pub(crate) struct IndexHasher(u64);
 
 impl std::hash::Hasher for IndexHasher {
     #[inline]
@@ -205,6 +205,6 @@ impl std::hash::Hasher for IndexHasher {
 }
 
 /// `BuildHasher` for `IndexHasher`.
-pub type IndexBuild = std::hash::BuildHasherDefault<IndexHasher>;
+pub(crate) type IndexBuild = std::hash::BuildHasherDefault<IndexHasher>;
 /// A map keyed by page index.
-pub type IndexMap<V> = std::collections::HashMap<u64, V, IndexBuild>;
+pub(crate) type IndexMap<V> = std::collections::HashMap<u64, V, IndexBuild>;

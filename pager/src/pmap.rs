@@ -11,12 +11,30 @@ use parking_lot::Mutex;
 use std::sync::Arc;
 
 /// Index of a pmap in its `Vm` (reverse map entries name pmaps by it).
-pub type PmapId = u32;
+pub(crate) type PmapId = u32;
 /// Virtual page number (address >> 12).
-pub type Vpn = u64;
+pub(crate) type Vpn = u64;
 
 /// What the pager needs from a translation layer. The VMM implements it with
 /// host mappings of guest views; `SoftPmap` is the software model.
+///
+/// The pager calls these methods with its locks held: `enter` and
+/// `extract` during a fault with the map read lock and the page's object
+/// lock (and the locks of the objects above it on the shadow chain);
+/// `remove` and `protect` with the map write lock (unmap, protect, fork,
+/// `inval`) or with object locks (pageout, a COW copy, free-behind). So an
+/// implementation may not:
+/// - call back into the pager: no `fault`, `access`/`read_guest`/
+///   `write_guest`, `Map` or object method, `run_once` (it would deadlock
+///   on those locks);
+/// - block on guest progress (a vCPU, an exit, a userfaultfd event) or
+///   sleep: every fault and the pageout of the map wait for it;
+/// - report failure by panicking: an `enter` it cannot do leaves the page
+///   unmapped (the access faults again), and `remove` must remove (removing
+///   a mapping is always safe: it only refaults).
+///
+/// Its own short internal locks are fine, if never held while calling the
+/// pager.
 pub trait Pmap: Send + Sync {
     /// Maps `frame` at `addr` with `prot` (replacing any mapping).
     fn enter(&self, addr: u64, frame: Frame, prot: Prot, wired: bool);

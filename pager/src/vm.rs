@@ -353,7 +353,7 @@ impl Vm {
     }
 
     /// Live objects (for pageout).
-    pub fn live_objects(&self) -> Vec<Arc<Object>> {
+    pub(crate) fn live_objects(&self) -> Vec<Arc<Object>> {
         let mut v = self.objects.lock();
         v.retain(|w| w.strong_count() > 0);
         v.iter().filter_map(|w| w.upgrade()).collect()
@@ -414,17 +414,18 @@ impl Vm {
     }
 
     /// Out of memory, for a fault that found no free frame: the swap is
-    /// full. The data the maps hold needs frames + swap slots; with no free
-    /// slot no dirty page can leave, so a frame could only come from a clean
-    /// page whose copy is in swap, whose owner would soon take one back: the
-    /// maps (however many share the pager) would thrash without progress
-    /// instead of failing. Such a fault fails at once, without the retries.
+    /// full (where the seed asks `vm_page_count_severe`). The data the maps
+    /// hold needs frames + swap slots; with no free slot no dirty page can
+    /// leave, so a frame could only come from a clean page whose copy is in
+    /// swap, whose owner would soon take one back: the maps (however many
+    /// share the pager) would thrash without progress instead of failing.
+    /// Such a fault fails at once, without the retries.
     pub fn out_of_memory(&self) -> bool {
         self.swap_full()
     }
 
     /// Wakes the pageout daemon.
-    pub fn wake_pageout(&self) {
+    pub(crate) fn wake_pageout(&self) {
         self.pageout_wake.notify_all();
     }
 }

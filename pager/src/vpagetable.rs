@@ -1,11 +1,12 @@
 //! VPAGETABLE translation (`vm_fault_vpagetable`, the 2017+ behaviour with
-//! the decisions in DESIGN.md): the guest's vpte tables map a VA-side page
-//! index to a frame number `i`, the page the map shows at
-//! `target + i * 4096` (its RAM). Table and data pages are resolved through
-//! the map's `Normal` entry there, exactly as a fault at that address, so a
-//! window always sees its own VM's memory (shadow objects included).
+//! the decisions listed in pager/README.md, "Decisions (quirks)", the
+//! VPAGETABLE items): the guest's vpte tables map a VA-side page index to a
+//! frame number `i`, the page the map shows at `target + i * 4096` (its
+//! RAM). Table and data pages are resolved through the map's `Normal` entry
+//! there, exactly as a fault at that address, so a window always sees its
+//! own VM's memory (shadow objects included).
 
-use crate::fault::{resolve, FaultError, Found, Fs, Held, Step};
+use crate::fault::{fault_object, lookup_normal, FaultError, FaultState, Found, Held, Retry};
 use crate::frame::{Frame, PAGE_SIZE};
 use crate::map::{MapEntry, MapInner, MapType};
 use crate::object::Object;
@@ -58,113 +59,101 @@ pub(crate) fn target_entry<'g>(g: &'g MapInner, e: &MapEntry, frame: u64) -> Res
     }
 }
 
-/// The first object, page index and protection for a fault needing
-/// `access` at `addr` of the `Normal` entry `re` (`vm_map_lookup`): a write
-/// to a needs-copy entry first gets its shadow (`Step::NeedsCopy`).
-pub(crate) fn lookup_normal(re: &MapEntry, addr: u64, access: Prot, prot: Prot) -> Step<(Arc<Object>, u64, Prot)> {
-    if !re.protection.contains(access) {
-        return Step::Err(FaultError::Protection);
-    }
-    let mut prot = prot & re.protection;
-    if re.needs_copy {
-        if access.writable() {
-            return Step::NeedsCopy(addr);
-        }
-        prot = prot.without(Prot::WRITE);
-    }
-    Step::Ok((re.object.arc().clone(), re.pindex(addr), prot))
+/// Permissions gathered down the walk: write and NX are ANDed across levels.
+struct Perms {
+    write_ok: bool,
+    nx: bool,
 }
 
-/// Walks the window entry `e` from its master through its table levels.
-/// Invalid vpte at any level -> `InvalidVpte`; write and NX permission are
-/// ANDed across levels; a read fault maps read-only unless the leaf has
-/// RW|M (and every level RW).
-pub(crate) fn walk(
-    fs: &mut Fs,
-    g: &MapInner,
-    e: &MapEntry,
-    va_pindex: u64,
-    fault_type: Prot,
-    first_prot: Prot,
-    timestamp: u64,
-) -> Step<Walk> {
-    let MapType::VPageTable { master, levels, .. } = e.maptype else {
-        return Step::Err(FaultError::Protection);
-    };
-    let vm = fs.vm;
-    let mut vpte = master;
-    let mut vshift = VPTE_PAGE_BITS * levels.clamp(1, VPTE_MAX_LEVELS);
-    let mut write_ok = true;
-    let mut nx = false;
-    let mut path: SmallVec<[PathEnt; 4]> = SmallVec::new();
-    loop {
+impl Perms {
+    /// One level's vpte against the fault: V clear, no RW on a write or NX
+    /// on an exec -> `InvalidVpte`.
+    fn check(&mut self, vpte: Vpte, fault_type: Prot) -> Result<(), FaultError> {
         if vpte & VPTE_V == 0 {
-            return Step::Err(FaultError::InvalidVpte);
+            return Err(FaultError::InvalidVpte);
         }
         if vpte & VPTE_RW == 0 {
-            write_ok = false;
+            self.write_ok = false;
             if fault_type.writable() {
-                return Step::Err(FaultError::InvalidVpte);
+                return Err(FaultError::InvalidVpte);
             }
         }
         if vpte & VPTE_NX != 0 {
-            nx = true;
+            self.nx = true;
             if fault_type.contains(Prot::EXEC) {
-                return Step::Err(FaultError::InvalidVpte);
+                return Err(FaultError::InvalidVpte);
             }
         }
+        Ok(())
+    }
+}
+
+/// `vm_fault_vpagetable`: walks the window entry `e` for the faulting
+/// address from its master through its table levels. Invalid vpte at any
+/// level -> `InvalidVpte`; write and NX permission are ANDed across levels;
+/// a read fault maps read-only unless the leaf has RW|M (and every level
+/// RW). The protection starts from the window entry's.
+pub(crate) fn walk(fs: &mut FaultState, g: &MapInner, e: &MapEntry) -> Result<Walk, Retry> {
+    let MapType::VPageTable { master, levels, .. } = e.maptype else {
+        return Err(FaultError::Protection.into());
+    };
+    let va_pindex = e.pindex(fs.vaddr);
+    let mut vpte = master;
+    let mut vshift = VPTE_PAGE_BITS * levels.clamp(1, VPTE_MAX_LEVELS);
+    let mut perms = Perms { write_ok: true, nx: false };
+    let mut path: SmallVec<[PathEnt; 4]> = SmallVec::new();
+    loop {
+        perms.check(vpte, fs.fault_type)?;
         if vpte & VPTE_PS != 0 || vshift == 0 {
             break;
         }
-        // Table pages come through the map, as a fault on their address
-        // would: the VM's own copy (COW'd before A/M go in), paged in if out.
-        let (re, addr) = match target_entry(g, e, vpte_pindex(vpte)) {
-            Ok(t) => t,
-            Err(err) => return Step::Err(err),
-        };
-        let writable = re.protection.writable();
-        let pt_access = if writable { Prot::RW } else { Prot::READ };
-        let (first, pindex, prot) = match lookup_normal(re, addr, pt_access, re.protection) {
-            Step::Ok(t) => t,
-            other => return other.cast(),
-        };
-        let Found { g: mut og, obj, pindex, .. } =
-            match resolve(fs, re, &first, pindex, pt_access, prot, timestamp, None) {
-                Step::Ok(f) => f,
-                other => return other.cast(),
-            };
-        let Some(page) = og.pages.get_mut(&pindex) else {
-            return Step::Retry;
-        };
-        page.set(pf::REFERENCED);
-        if page.wire_count == 0 && !page.has(pf::FICTITIOUS) {
-            page.queue = Queue::Active;
-        }
-        let frame = page.frame;
-        let Some(held) = Held::new(&mut og, &obj, pindex) else {
-            return Step::Retry;
-        };
-        drop(og);
         vshift -= VPTE_PAGE_BITS;
         let idx = ((va_pindex >> vshift) & VPTE_PAGE_MASK) as usize;
-        let Ok(word) = vm.pool.atomic_u64(frame, idx * 8) else {
-            return Step::Err(FaultError::Failure);
-        };
-        vpte = word.load(Ordering::Acquire);
-        path.push(PathEnt { _held: held, obj, pindex, frame, idx, seen: vpte, writable });
+        let ent = table_entry(fs, g, e, vpte, idx)?;
+        vpte = ent.seen;
+        path.push(ent);
     }
     let low = if vshift >= 64 { va_pindex } else { va_pindex & ((1u64 << vshift) - 1) };
     let Some(frame) = vpte_pindex(vpte).checked_add(low) else {
-        return Step::Err(FaultError::Protection);
+        return Err(FaultError::Protection.into());
     };
-    let mut prot = first_prot;
-    if !write_ok || (!fault_type.writable() && vpte & (VPTE_RW | VPTE_M) != (VPTE_RW | VPTE_M)) {
+    let mut prot = e.protection;
+    if !perms.write_ok || (!fs.fault_type.writable() && vpte & (VPTE_RW | VPTE_M) != (VPTE_RW | VPTE_M)) {
         prot = prot.without(Prot::WRITE);
     }
-    if nx {
+    if perms.nx {
         prot = prot.without(Prot::EXEC);
     }
-    Step::Ok(Walk { frame, prot, path })
+    Ok(Walk { frame, prot, path })
+}
+
+/// Reads entry `idx` of the table page `vpte` points at. Table pages come
+/// through the map, as a fault on their address would: the VM's own copy
+/// (COW'd before A/M go in), paged in if out; the page is activated
+/// (`vm_page_activate`) and held until the A/M update.
+fn table_entry(fs: &mut FaultState, g: &MapInner, e: &MapEntry, vpte: Vpte, idx: usize) -> Result<PathEnt, Retry> {
+    let (re, addr) = target_entry(g, e, vpte_pindex(vpte))?;
+    let writable = re.protection.writable();
+    let pt_access = if writable { Prot::RW } else { Prot::READ };
+    let first = lookup_normal(re, addr, pt_access, re.protection)?;
+    let Found { g: mut og, obj, pindex, .. } = fault_object(fs, &first)?;
+    let Some(page) = og.pages.get_mut(&pindex) else {
+        return Err(Retry::Again);
+    };
+    page.set(pf::REFERENCED);
+    if page.wire_count == 0 && !page.has(pf::FICTITIOUS) {
+        page.queue = Queue::Active;
+    }
+    let frame = page.frame;
+    let Some(held) = Held::new(&mut og, &obj, pindex) else {
+        return Err(Retry::Again);
+    };
+    drop(og);
+    let Ok(word) = fs.vm.pool.atomic_u64(frame, idx * 8) else {
+        return Err(FaultError::Failure.into());
+    };
+    let seen = word.load(Ordering::Acquire);
+    Ok(PathEnt { _held: held, obj, pindex, frame, idx, seen, writable })
 }
 
 /// After a successful fault, before its page is entered (the vCPU may run

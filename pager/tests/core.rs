@@ -1,7 +1,5 @@
 //! One test per fault-path behaviour.
 mod common;
-use ::pager::map::{Behavior, FileMode, Inherit};
-use ::pager::page::Queue;
 use ::pager::*;
 use common::*;
 use std::io::{Read, Seek, Write};
@@ -568,7 +566,7 @@ fn pageout_skips_wired_and_busy() {
 #[test]
 fn pageout_dirty_written_before_freed() {
     let vm = vm(256);
-    let mp = Arc::new(::pager::pager::mem::MemPager::new(0, 0));
+    let mp = Arc::new(MemPager::new(0, 0));
     let o = vm.with_pager(ObjectKind::Swap, 8, mp.clone(), None);
     let m = machine(&vm);
     m.map.map_object(B, 8 * PS, o.clone(), 0, Prot::RW, Prot::ALL, Inherit::Copy, false).unwrap();

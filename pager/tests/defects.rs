@@ -1,7 +1,6 @@
 //! Regression tests for pager defects found by review (issue 11 item 3):
 //! each failed before its fix.
 mod common;
-use ::pager::map::{FileMode, Inherit, MapError};
 use ::pager::vpte::*;
 use ::pager::*;
 use common::*;

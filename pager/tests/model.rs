@@ -97,14 +97,14 @@ fn run(ops: Vec<Op>, collapse_auto: bool) -> Result<(), TestCaseError> {
     let first = machine(&vm);
     first.map.map_anon(B, PAGES * PS, Prot::RW).unwrap();
     let sh = vm.anonymous(SH_PAGES);
-    first.map.map_object(SH, SH_PAGES * PS, sh, 0, Prot::RW, Prot::ALL, ::pager::map::Inherit::Share, false).unwrap();
+    first.map.map_object(SH, SH_PAGES * PS, sh, 0, Prot::RW, Prot::ALL, Inherit::Share, false).unwrap();
     let mut shared = [0u8; SH_PAGES as usize];
     let mut file = tempfile::tempfile().unwrap();
     for q in 0..FP_PAGES {
         std::io::Write::write_all(&mut file, &[0xF0 + q as u8; 4096]).unwrap();
     }
     let fo = vm.file_object(file, false, None).unwrap();
-    first.map.map_file(FP, FP_PAGES * PS, &fo, 0, ::pager::map::FileMode::Private).unwrap();
+    first.map.map_file(FP, FP_PAGES * PS, &fo, 0, FileMode::Private).unwrap();
     drop(fo);
     let mut w = World { vm, maps: vec![(first, fresh())] };
     for op in ops {
@@ -186,11 +186,7 @@ fn run(ops: Vec<Op>, collapse_auto: bool) -> Result<(), TestCaseError> {
             }
             Op::Advise(i, b) => {
                 let (m, _) = &w.maps[i % n];
-                let beh = [
-                    ::pager::map::Behavior::Normal,
-                    ::pager::map::Behavior::Random,
-                    ::pager::map::Behavior::Sequential,
-                ][b as usize % 3];
+                let beh = [Behavior::Normal, Behavior::Random, Behavior::Sequential][b as usize % 3];
                 m.map.madvise(B, PAGES * PS, beh).unwrap();
             }
             Op::SharedWrite(i, p, b) => {

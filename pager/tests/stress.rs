@@ -54,7 +54,7 @@ fn injected_short_read_never_zeros_or_other_bytes() {
     f.write_all(&[0x61; 8192]).unwrap();
     let fo = vm.file_object(f, false, Some(fh.clone())).unwrap();
     let fm = machine(&vm);
-    fm.map.map_file(B, 2 * PS, &fo, 0, ::pager::map::FileMode::ReadOnly).unwrap();
+    fm.map.map_file(B, 2 * PS, &fo, 0, FileMode::ReadOnly).unwrap();
     fh.set_read(FailMode::ShortRead);
     // The cluster is pages 0-1; half of it arrives: page 1 (asked for) fails,
     // page 0 (complete) may stay, with its right bytes.
@@ -191,7 +191,7 @@ fn same_page_faulted_by_many_threads_is_resolved_once() {
     let (o, mp) = mem_object(&vm, 8, 8, (0, 0));
     *mp.on_get.lock() = Some(Arc::new(|| std::thread::sleep(std::time::Duration::from_millis(30))));
     let m = Arc::new(machine(&vm));
-    m.map.map_object(B, 8 * PS, o.clone(), 0, Prot::RW, Prot::ALL, ::pager::map::Inherit::Share, false).unwrap();
+    m.map.map_object(B, 8 * PS, o.clone(), 0, Prot::RW, Prot::ALL, Inherit::Share, false).unwrap();
     let barrier = Arc::new(std::sync::Barrier::new(4));
     let threads: Vec<_> = (0..4)
         .map(|_| {
@@ -221,7 +221,7 @@ fn cow_rename_frees_backing_swap_slot() {
     let oid = o.id();
     let s = o.shadow(4, 0);
     let b = machine(&vm);
-    b.map.map_object(B, 4 * PS, s, 0, Prot::RW, Prot::ALL, ::pager::map::Inherit::Copy, false).unwrap();
+    b.map.map_object(B, 4 * PS, s, 0, Prot::RW, Prot::ALL, Inherit::Copy, false).unwrap();
     a.map.unmap(B, 4 * PS).unwrap();
     let r = fault(&b.map, B, Prot::WRITE, FaultFlags::NONE).unwrap();
     assert_eq!(r.kind, FaultKind::CowRename);
@@ -308,7 +308,7 @@ fn injected_file_writeback_failure_keeps_page_dirty() {
     let mut reader = f.try_clone().unwrap();
     let fo = vm.file_object(f, true, Some(hook.clone())).unwrap();
     let m = machine(&vm);
-    m.map.map_file(B, 2 * PS, &fo, 0, ::pager::map::FileMode::Shared).unwrap();
+    m.map.map_file(B, 2 * PS, &fo, 0, FileMode::Shared).unwrap();
     fill(&m, B, 0x5C);
     hook.set_write(FailMode::NoSpace);
     assert_eq!(fo.sync(), Err(PagerError::NoSpace));
@@ -411,9 +411,9 @@ fn faults_on_other_pages_proceed_during_pager_io() {
     let vm = vm(1024);
     let (o, mp) = mem_object(&vm, 64, 64, (0, 0));
     let m = Arc::new(machine(&vm));
-    m.map.map_object(B, 64 * PS, o, 0, Prot::READ, Prot::ALL, ::pager::map::Inherit::Copy, false).unwrap();
+    m.map.map_object(B, 64 * PS, o, 0, Prot::READ, Prot::ALL, Inherit::Copy, false).unwrap();
     m.map.map_anon(B + 128 * PS, 4 * PS, Prot::RW).unwrap();
-    m.map.madvise(B, 64 * PS, ::pager::map::Behavior::Random).unwrap();
+    m.map.madvise(B, 64 * PS, Behavior::Random).unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
     let rx = parking_lot::Mutex::new(rx);

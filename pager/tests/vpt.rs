@@ -1,6 +1,5 @@
 //! VPAGETABLE walk tests.
 mod common;
-use ::pager::map::{Inherit, MapType};
 use ::pager::vpte::*;
 use ::pager::*;
 use common::*;
@@ -528,4 +527,14 @@ fn vpt_swap_error_on_a_table_page_is_a_failure_not_an_invalid_vpte() {
     hook.set_read(FailMode::None);
     assert_eq!(t.m.read_u64(V + 5 * PS).unwrap(), marker(300), "nothing lost");
     assert_eq!(t.m.read_u64(V + 6 * PS).unwrap_err(), FaultError::InvalidVpte);
+}
+
+#[test]
+fn map_tells_window_addresses_from_others() {
+    let t = setup(2);
+    assert!(t.m.map.in_window(V));
+    assert!(t.m.map.in_window(V + 64 * PS - 1));
+    assert!(!t.m.map.in_window(V + 64 * PS), "past the window");
+    assert!(!t.m.map.in_window(R), "RAM is a Normal entry");
+    assert!(!t.m.map.in_window(0), "unmapped");
 }

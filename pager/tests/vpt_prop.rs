@@ -4,7 +4,6 @@
 //! combined across levels, NX, PS at any level, the M rule for read faults,
 //! frame bounds). Default 1000 cases (well under a second in release); PROPTEST_CASES overrides.
 mod common;
-use ::pager::map::Inherit;
 use ::pager::vpte::*;
 use ::pager::*;
 use common::*;

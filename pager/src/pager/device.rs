@@ -4,13 +4,13 @@ use super::{PageIo, Pager, PagerError};
 use crate::frame::{Frame, FramePool};
 
 /// A device's fixed frames, page `i` is `frames[i]`.
-pub struct DevicePager {
+pub(crate) struct DevicePager {
     frames: Vec<Frame>,
 }
 
 impl DevicePager {
     /// Device memory made of `frames`.
-    pub fn new(frames: Vec<Frame>) -> DevicePager {
+    pub(crate) fn new(frames: Vec<Frame>) -> DevicePager {
         DevicePager { frames }
     }
 }

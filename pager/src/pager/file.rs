@@ -11,7 +11,7 @@ use std::sync::Arc;
 const FILE_CLUSTER: u32 = 15;
 
 /// Pager over a host file.
-pub struct FilePager {
+pub(crate) struct FilePager {
     file: File,
     len: u64,
     writable: bool,
@@ -20,17 +20,13 @@ pub struct FilePager {
 
 impl FilePager {
     /// Wraps `file` (its current length is the object's extent).
-    pub fn new(file: File, writable: bool, hook: Option<Arc<FailHook>>) -> std::io::Result<FilePager> {
+    pub(crate) fn new(file: File, writable: bool, hook: Option<Arc<FailHook>>) -> std::io::Result<FilePager> {
         let len = file.metadata()?.len();
         Ok(FilePager { file, len, writable, hook })
     }
     /// File length in bytes.
-    pub fn len(&self) -> u64 {
+    pub(crate) fn len(&self) -> u64 {
         self.len
-    }
-    /// Is the file empty?
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
     fn pages(&self) -> u64 {
         self.len.div_ceil(PAGE_SIZE as u64)

@@ -1,9 +1,9 @@
 //! Pagers: where an object's pages come from and go to (`vm_pager`).
 
-pub mod device;
-pub mod file;
-pub mod mem;
-pub mod swap;
+pub(crate) mod device;
+pub(crate) mod file;
+pub(crate) mod mem;
+pub(crate) mod swap;
 
 use crate::frame::{Frame, FramePool};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -42,11 +42,13 @@ pub trait Pager: Send + Sync {
     /// can be read in the same operation (`vm_pager_has_page`).
     fn has_page(&self, obj: u64, pindex: u64) -> Option<(u32, u32)>;
     /// Reads `pages` (consecutive pindexes); must fill `pages[reqpage]` or
-    /// return an error. Extra pages are optional (`done` says which).
+    /// return an error. Extra pages are optional (`done` says which)
+    /// (`vm_pager_get_pages`).
     fn get_pages(&self, obj: u64, pool: &FramePool, pages: &mut [PageIo], reqpage: usize) -> Result<(), PagerError>;
-    /// Writes `pages`; `done` marks those written.
+    /// Writes `pages`; `done` marks those written (`vm_pager_put_pages`).
     fn put_pages(&self, obj: u64, pool: &FramePool, pages: &mut [PageIo]) -> Result<(), PagerError>;
-    /// The page was dirtied or moved away: its backing copy is stale.
+    /// The page was dirtied or moved away: its backing copy is stale
+    /// (`vm_pager_page_unswapped`, `swap_pager_unswapped`).
     fn page_unswapped(&self, _obj: u64, _pindex: u64) {}
     /// The object died: release everything it holds.
     fn object_dead(&self, _obj: u64) {}

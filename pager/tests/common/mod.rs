@@ -1,5 +1,4 @@
 #![allow(dead_code)]
-use ::pager::pager::mem::MemPager;
 use ::pager::*;
 use std::sync::Arc;
 
