@@ -5,12 +5,11 @@
 //! absent pages are resolved in the same step, which is what makes demand
 //! paging cheap here (one event costs tens of µs on these hosts).
 
-use crate::memory::GuestRam;
+use crate::memory::{Access, GuestFault, GuestRam, Unresolved};
 use crate::uffd::Event;
 use log::debug;
-use pager::{FaultFlags, Prot};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,16 +19,6 @@ const AROUND_MIN: u64 = 64;
 const AROUND_MAX: u64 = 2048;
 /// Pages resolved before their installs are flushed.
 const BATCH: u64 = 256;
-
-/// A guest access the map refused, to be reported to the guest.
-#[derive(Clone, Copy, Debug)]
-pub struct GuestFault {
-    pub gpa: u64,
-    pub write: bool,
-    /// Thread that faulted (uffd), 0 when unknown.
-    pub tid: u32,
-    pub error: pager::FaultError,
-}
 
 /// Tells a fault thread to end, and wakes it from its poll at once (so a
 /// clone's thread is reclaimed without waiting for the poll timeout).
@@ -53,17 +42,9 @@ impl Stop {
     }
 }
 
-#[derive(Default)]
-pub struct DeliveryStats {
-    pub events: AtomicU64,
-    pub around: AtomicU64,
-    pub guest_errors: AtomicU64,
-}
-
 /// Serve uffd events until `stop`. `poll_ms` 0 = busy-poll.
 pub fn serve(
     ram: Arc<GuestRam>,
-    stats: Arc<DeliveryStats>,
     stop: Arc<Stop>,
     busy_poll: bool,
     on_error: impl Fn(String),
@@ -73,6 +54,7 @@ pub fn serve(
     // Stage timing inside the pager, for `vkvm profile`.
     pager::stages::enable(on_stages.is_some());
     let Some(uffd) = ram.uffd.clone() else { return };
+    let stats = &ram.delivery;
     let mut events = [Event::Other(0); 16];
     let mut last_gpa = u64::MAX;
     let mut around = AROUND_MIN;
@@ -106,10 +88,10 @@ pub fn serve(
                 let _ = uffd.wake(addr, PS);
                 continue;
             };
-            let access = if write || wp { Prot::WRITE } else { Prot::READ };
-            match pager::fault(&ram.map, gpa, access, FaultFlags::NONE) {
-                Ok(_) => {}
-                Err(e) if ram.guest_visible(gpa, e) => {
+            let access = Access::of(write || wp);
+            match ram.resolve(gpa, access) {
+                Ok(()) => {}
+                Err(Unresolved::Refused(e)) => {
                     // An access the map does not allow: the vCPU gets an
                     // exception (it is kicked out of its wait, see vcpu.rs).
                     stats.guest_errors.fetch_add(1, Ordering::Relaxed);
@@ -117,22 +99,17 @@ pub fn serve(
                         crate::ratelimit::REFUSED_ACCESS,
                         "guest access at {gpa:#x} ({access:?}) refused: {e}"
                     );
-                    if !on_guest_fault(GuestFault { gpa, write: access.writable(), tid, error: e }) {
+                    if !on_guest_fault(GuestFault { gpa, write: access.is_write(), tid, error: e }) {
                         on_error(format!("guest access at {gpa:#x} refused ({e}) by a thread that is not a vCPU"));
                     }
                     continue;
                 }
-                Err(e) => {
+                Err(Unresolved::Fatal(f)) => {
                     // The pager failed (swap I/O, out of memory): stop the VM
                     // rather than hand the guest zeros. The vCPU stays
                     // blocked until the VM ends.
-                    debug!("guest fault at {gpa:#x} ({access:?}) failed: {e}");
-                    on_error(match e {
-                        pager::FaultError::NoMemory => {
-                            format!("guest page {gpa:#x} could not be brought in: {}", ram.no_memory_reason())
-                        }
-                        _ => format!("guest page {gpa:#x} could not be brought in: {e}"),
-                    });
+                    debug!("{f} ({access:?})");
+                    on_error(f.to_string());
                     continue;
                 }
             }
@@ -156,7 +133,7 @@ pub fn serve(
                 let chunk_end = (a + BATCH * PS).min(end);
                 while a < chunk_end {
                     if !ram.view.present(a) {
-                        if pager::fault(&ram.map, a, access, FaultFlags::NO_PREFAULT).is_err() {
+                        if ram.fill(a, access).is_err() {
                             ram.view.end_batch();
                             break 'around;
                         }

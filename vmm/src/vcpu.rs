@@ -4,14 +4,13 @@ use crate::abi;
 use crate::boot::firmware;
 use crate::devices::{PioOut, COM1_BASE, COM1_END};
 use crate::exit::Reason;
-use crate::fault::GuestFault;
 use crate::hypercall::{self, Action};
+use crate::memory::{Access, GuestFault, Unresolved};
 use crate::pmap::Delivery;
 use crate::ratelimit;
 use crate::vm::{Outcome, Shared};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use log::debug;
-use pager::{FaultFlags, Prot};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -114,7 +113,7 @@ pub fn run(shared: Arc<Shared>, mut vcpu: VcpuFd, id: u32) {
                     f.gpa,
                     f.error
                 );
-                if let Err(e) = inject_page_fault(&vcpu, f.gpa, f.write, pf_bits(&shared, &f)) {
+                if let Err(e) = inject_page_fault(&vcpu, f.gpa, f.write, shared.ram.pf_error_bits(&f)) {
                     shared.finish(Outcome::Crash(format!("cannot inject a page fault into vcpu {id}: {e}")));
                     return;
                 }
@@ -235,29 +234,21 @@ fn io_in(shared: &Shared, port: u16, data: &mut [u8]) {
     }
 }
 
-/// Resolve the pages of `[gpa, gpa + len)` through the pager; Some(step)
-/// if that failed (an exception for the guest, or a VM stop).
+/// Resolve the pages of `[gpa, gpa + len)` through the front door;
+/// Some(step) if that failed (an exception for the guest, or a VM stop).
 fn resolve_range(shared: &Shared, gpa: u64, len: u64, write: bool) -> Option<Step> {
-    let access = if write { Prot::WRITE } else { Prot::READ };
-    let mut page = gpa & !0xfff;
-    while page < gpa + len {
-        shared.delivery.events.fetch_add(1, Ordering::Relaxed);
-        match pager::fault(&shared.ram.map, page, access, FaultFlags::NONE) {
-            Ok(_) => {}
-            Err(error) if shared.ram.guest_visible(page, error) => {
-                shared.delivery.guest_errors.fetch_add(1, Ordering::Relaxed);
-                return Some(Step::Inject(GuestFault { gpa: gpa.max(page), write, tid: 0, error }));
-            }
-            Err(e) => {
-                let why = if e == pager::FaultError::NoMemory { shared.ram.no_memory_reason() } else { e.to_string() };
-                return Some(Step::Stop(Outcome::Crash(format!(
-                    "guest page {page:#x} could not be brought in: {why}"
-                ))));
-            }
+    let ram = &shared.ram;
+    let counted = || {
+        ram.delivery.events.fetch_add(1, Ordering::Relaxed);
+    };
+    match ram.resolve_range(gpa, len, Access::of(write), counted) {
+        Ok(()) => None,
+        Err((page, Unresolved::Refused(error))) => {
+            ram.delivery.guest_errors.fetch_add(1, Ordering::Relaxed);
+            Some(Step::Inject(GuestFault { gpa: gpa.max(page), write, tid: 0, error }))
         }
-        page += 0x1000;
+        Err((_, Unresolved::Fatal(f))) => Some(Step::Stop(Outcome::Crash(f.to_string()))),
     }
-    None
 }
 
 /// KVM_EXIT_MEMORY_FAULT: KVM could not map these pages. The exit says
@@ -296,11 +287,6 @@ fn inject_pending(shared: &Shared, id: u32) -> Step {
     let pending =
         shared.vcpus.get(id as usize).and_then(|s| s.pending.lock().unwrap_or_else(|e| e.into_inner()).take());
     pending.map_or(Step::Continue, Step::Inject)
-}
-
-/// Error-code bits beyond P|W|U for a refused access (see vpagetable.rs).
-fn pf_bits(shared: &Shared, f: &GuestFault) -> u32 {
-    crate::vpagetable::pf_error_bits(&shared.ram, f.gpa, f.error)
 }
 
 /// Raise #PF in the guest for an access to `gpa` the VM map refused. The

@@ -5,9 +5,9 @@ use crate::boot;
 use crate::cli::{FaultDelivery, RunArgs};
 use crate::devices::{Pc, Serial};
 use crate::error::Error;
-use crate::fault::{DeliveryStats, GuestFault};
 use crate::guest_image;
 use crate::inputs::OutFile;
+use crate::memory::GuestFault;
 use crate::memory::{self, GuestRam, MemConfig};
 use crate::pmap::Delivery;
 use crate::stats::{Reports, Stats};
@@ -60,7 +60,6 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
 /// State the vCPU threads and the monitor share.
 pub struct Shared {
     pub ram: Arc<GuestRam>,
-    pub delivery: Arc<DeliveryStats>,
     /// Per vCPU: its thread and a refused access waiting to be injected.
     pub vcpus: Vec<VcpuSlot>,
     pub serial: Serial,
@@ -102,7 +101,6 @@ impl Shared {
         let memory = ram.size;
         Ok(Shared {
             ram,
-            delivery: Arc::new(DeliveryStats::default()),
             vcpus: (0..nr_vcpus).map(|_| VcpuSlot::default()).collect(),
             serial: Serial::new(console),
             pc: Pc::new(nr_vcpus, memory),
@@ -499,7 +497,7 @@ pub fn start_threads(
     let stop = Arc::new(crate::fault::Stop::new().map_err(Error::io("cannot create an eventfd"))?);
     let mut threads = VmThreads { vcpus: Vec::new(), uffd: None, stop_faults: stop.clone() };
     if ram.uffd.is_some() {
-        let (r, d, stop, s) = (ram.clone(), shared.delivery.clone(), stop, shared.clone());
+        let (r, stop, s) = (ram.clone(), stop, shared.clone());
         let t = std::thread::Builder::new()
             .name(format!("uffd-vm{}", shared.vm_id))
             .spawn(move || {
@@ -509,7 +507,7 @@ pub fn start_threads(
                         p.record_stages(t)
                     }
                 });
-                crate::fault::serve(r, d, stop, uffd_poll, |msg| s.finish(Outcome::Crash(msg)), |f| s.refuse(f), record)
+                crate::fault::serve(r, stop, uffd_poll, |msg| s.finish(Outcome::Crash(msg)), |f| s.refuse(f), record)
             })
             .map_err(Error::io("cannot start the userfaultfd thread"))?;
         threads.uffd = Some(t);
@@ -637,9 +635,9 @@ pub fn fault_stats(shared: &Shared) -> serde_json::Value {
         "cow_rename": p.cow_rename,
         "pager_in": p.pager_in,
         "prefault": p.prefault,
-        "guest_errors": shared.delivery.guest_errors.load(Ordering::Relaxed),
-        "events": shared.delivery.events.load(Ordering::Relaxed),
-        "fault_around": shared.delivery.around.load(Ordering::Relaxed),
+        "guest_errors": shared.ram.delivery.guest_errors.load(Ordering::Relaxed),
+        "events": shared.ram.delivery.events.load(Ordering::Relaxed),
+        "fault_around": shared.ram.delivery.around.load(Ordering::Relaxed),
     })
 }
 

@@ -149,19 +149,6 @@ pub fn inval(ram: &crate::memory::GuestRam, region: u64, off: u64, len: u64) -> 
     }
 }
 
-/// Extra #PF error-code bits for a refused access at `gpa`: RSVD (bit 3)
-/// when a vpte of a window pointed beyond the backing object (the pager's
-/// protection failure; x86 raises RSVD for a frame beyond MAXPHYADDR), so
-/// the guest can tell it from an invalid or read-only vpte (P|W|U only).
-pub fn pf_error_bits(ram: &crate::memory::GuestRam, gpa: u64, err: pager::FaultError) -> u32 {
-    let in_window = ram.vpt.iter().any(|w| gpa >= w.spec.gpa && gpa < w.spec.gpa + w.spec.len);
-    if in_window && err == pager::FaultError::Protection {
-        PF_RSVD
-    } else {
-        0
-    }
-}
-
 /// The #PF error-code bit set for a frame beyond the backing object.
 pub const PF_RSVD: u32 = 1 << 3;
 

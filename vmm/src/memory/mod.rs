@@ -7,6 +7,9 @@ use crate::pmap::{Delivery, View};
 use crate::uffd::{self, Uffd};
 use log::info;
 use pager::{FaultError, Map, Prot, Vm};
+
+mod resolve;
+pub use resolve::{Access, DeliveryStats, GuestFault, Unresolved};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -112,6 +115,8 @@ pub struct GuestRam {
     pub files: Vec<Region>,
     /// VPAGETABLE windows over guest RAM; region index = position.
     pub vpt: Vec<crate::vpagetable::Window>,
+    /// Guest faults delivered to this memory (this VM's, not its clones').
+    pub delivery: DeliveryStats,
     ram_object: pager::ObjHandle,
     _pageout: Option<pager::PageoutDaemon>,
     /// The `--swap` file's lock, held for the run (see `inputs::lock_swap`).
@@ -222,6 +227,7 @@ impl GuestRam {
             size: cfg.size,
             files: regions,
             vpt,
+            delivery: DeliveryStats::default(),
             ram_object: ram,
             _pageout: pageout,
             _swap_lock: swap_lock,
@@ -270,6 +276,7 @@ impl GuestRam {
             size: self.size,
             files: self.files.clone(),
             vpt: self.vpt.iter().map(|w| crate::vpagetable::Window::new(w.spec)).collect(),
+            delivery: DeliveryStats::default(),
             ram_object: self.ram_object.clone(),
             _pageout: None,
             _swap_lock: None,
@@ -300,33 +307,6 @@ impl GuestRam {
     pub fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), FaultError> {
         self.check(gpa, buf.len())?;
         pager::write_guest(&self.map, gpa, buf)
-    }
-
-    /// Why a fault found no memory, for the one line that stops the VM.
-    pub fn no_memory_reason(&self) -> String {
-        let mib = |b: u64| b >> 20;
-        match self.vm.swap() {
-            Some(s) if self.vm.swap_full() => format!(
-                "out of memory: the swap is full ({} MiB, shared by this VM and any clones) and all {} MiB of \
-                 --phys-mem hold data that cannot be written out; raise --swap-size (or --phys-mem)",
-                mib(s.slots() * 4096),
-                mib(self.vm.pool().max_resident() * 4096)
-            ),
-            Some(_) => "out of memory: no frame could be freed (swap writes failing?)".into(),
-            None => "out of memory: no frame could be freed, and there is no swap: see --phys-mem".into(),
-        }
-    }
-
-    /// Is a failed fault the guest's own doing (an access the map does not
-    /// allow), to be reported to it as an exception? Otherwise the pager
-    /// failed (I/O error, no memory) and the VM must stop.
-    pub fn guest_visible(&self, _gpa: u64, err: FaultError) -> bool {
-        match err {
-            // An invalid vpte is the guest's; an I/O error (a table page
-            // included) is not.
-            FaultError::NotMapped | FaultError::Protection | FaultError::InvalidVpte => true,
-            FaultError::Failure | FaultError::NoMemory => false,
-        }
     }
 
     /// Is `[gpa, gpa + len)` inside RAM or one mapped file?
@@ -382,11 +362,11 @@ impl GuestRam {
     }
 
     /// Bring every page of `[gpa, gpa + len)` in, writable.
-    pub fn populate(&self, gpa: u64, len: u64) -> Result<(), FaultError> {
-        self.check(gpa, len as usize)?;
+    pub fn populate(&self, gpa: u64, len: u64) -> Result<(), Unresolved> {
+        self.check(gpa, len as usize).map_err(Unresolved::Refused)?;
         let mut a = gpa & !0xfff;
         while a < gpa + len {
-            pager::fault(&self.map, a, Prot::WRITE, pager::FaultFlags::NO_PREFAULT)?;
+            self.fill(a, Access::Write)?;
             a += 4096;
         }
         Ok(())
@@ -399,8 +379,13 @@ impl GuestRam {
             if (a >> 12).is_multiple_of(1024) {
                 check()?;
             }
-            pager::fault(&self.map, a, Prot::WRITE, pager::FaultFlags::NO_PREFAULT)
-                .map_err(|e| Error::Crash(format!("--prefault: guest page {a:#x}: {e}")))?;
+            self.fill(a, Access::Write).map_err(|u| {
+                let why = match u {
+                    Unresolved::Fatal(f) => f.why,
+                    Unresolved::Refused(e) => e.to_string(),
+                };
+                Error::Crash(format!("--prefault: guest page {a:#x}: {why}"))
+            })?;
         }
         Ok(())
     }
