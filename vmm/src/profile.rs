@@ -5,6 +5,7 @@
 //! increment per exit.
 
 use crate::exit::Reason;
+use crate::fault::FaultStages;
 use hdrhistogram::Histogram;
 use serde_json::{json, Map, Value};
 use std::sync::Mutex;
@@ -42,7 +43,7 @@ impl Recorder {
 }
 
 /// Fault stages, in the order a uffd-delivered fault goes through them.
-pub const FAULT_STAGES: [&str; 7] = ["delivery", "lookup", "chain_walk", "pager_io", "copy_zero", "install", "wake"];
+const FAULT_STAGES: [&str; 7] = FaultStages::NAMES;
 
 /// Histograms of all vCPUs; each vCPU locks only its own (uncontended).
 /// Fault stages are recorded by the fault-delivery thread (one lock per event).
@@ -78,9 +79,9 @@ impl Profile {
 
     /// One fault's (or one uffd event's) time per stage; stages it did not
     /// go through (zero) are not recorded, so counts say how often each ran.
-    pub fn record_stages(&self, t: &[Duration; 7]) {
+    pub fn record_stages(&self, t: &FaultStages) {
         let mut h = self.stages.lock().unwrap_or_else(|e| e.into_inner());
-        for (i, d) in t.iter().enumerate() {
+        for (i, d) in t.all().iter().enumerate() {
             if !d.is_zero() {
                 h[i].saturating_record(ns(*d));
             }

@@ -177,6 +177,24 @@ impl Shared {
     }
 }
 
+/// What the userfaultfd handler cannot settle goes to the VM.
+impl crate::fault::Report for Shared {
+    fn refused(&self, f: GuestFault) -> bool {
+        self.refuse(f)
+    }
+    fn fatal(&self, msg: String) {
+        self.finish(Outcome::Crash(msg));
+    }
+    fn timing(&self) -> bool {
+        self.profile.is_some()
+    }
+    fn stages(&self, t: &crate::fault::FaultStages) {
+        if let Some(p) = &self.profile {
+            p.record_stages(t);
+        }
+    }
+}
+
 /// Open the KVM device with advice on the usual failures.
 pub fn open_kvm(path: &Path) -> Result<Kvm, Error> {
     let c = CString::new(path.as_os_str().as_encoded_bytes())
@@ -500,15 +518,7 @@ pub fn start_threads(
         let (r, stop, s) = (ram.clone(), stop, shared.clone());
         let t = std::thread::Builder::new()
             .name(format!("uffd-vm{}", shared.vm_id))
-            .spawn(move || {
-                let timing = s.profile.is_some();
-                let record = timing.then_some(|t: &[std::time::Duration; 7]| {
-                    if let Some(p) = &s.profile {
-                        p.record_stages(t)
-                    }
-                });
-                crate::fault::serve(r, stop, uffd_poll, |msg| s.finish(Outcome::Crash(msg)), |f| s.refuse(f), record)
-            })
+            .spawn(move || crate::fault::serve(r, stop, uffd_poll, &*s))
             .map_err(Error::io("cannot start the userfaultfd thread"))?;
         threads.uffd = Some(t);
     }
