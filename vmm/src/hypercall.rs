@@ -111,8 +111,8 @@ fn dispatch(shared: &Shared, cpu: u32, b: &Block) -> (i64, Action) {
         nr::PARK => (0, Action::Park),
         // The parent sees 0; each clone's copy of the block gets its number.
         nr::CLONE => (0, Action::Clone(0)),
-        nr::SETMAP => (crate::vpagetable::setmap(&shared.ram, a[0], a[1]), Action::Continue),
-        nr::INVAL => (crate::vpagetable::inval(&shared.ram, a[0], a[1], a[2]), Action::Continue),
+        nr::SETMAP => (crate::vpagetable::setmap(&shared.ram.map, &shared.ram.vpt, a[0], a[1]), Action::Continue),
+        nr::INVAL => (crate::vpagetable::inval(&shared.ram.map, &shared.ram.vpt, a[0], a[1], a[2]), Action::Continue),
         other => {
             crate::limited!(ratelimit::UNKNOWN_HYPERCALL, "vcpu {cpu}: unknown hypercall {other}");
             (-abi::ENOSYS, Action::Continue)

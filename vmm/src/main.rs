@@ -7,6 +7,7 @@ mod boot;
 mod child;
 mod cli;
 mod clone;
+mod config;
 mod devices;
 mod error;
 mod exit;

@@ -2,7 +2,8 @@
 //! loop (event-manager) that waits for the guest to exit or time out.
 
 use crate::boot;
-use crate::cli::{FaultDelivery, RunArgs};
+use crate::cli::RunArgs;
+use crate::config::FaultDelivery;
 use crate::devices::{Pc, Serial};
 use crate::error::Error;
 use crate::guest_image;
@@ -26,11 +27,6 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
-
-/// RAM stays below the 32-bit MMIO hole.
-pub const MAX_MEMORY: u64 = 3 << 30;
-/// Mapped files must end below the local APIC, I/O APIC and firmware.
-pub const MAX_GPA: u64 = 0xF000_0000;
 
 /// How a VM ended.
 #[derive(Clone, Debug)]
@@ -278,9 +274,9 @@ pub struct Deadline {
 }
 
 impl Deadline {
-    /// `secs` was checked by `cli::parse_timeout` (finite, capped).
+    /// `secs` was checked by `config::parse_timeout` (finite, capped).
     pub fn new(start: Instant, secs: Option<f64>) -> Deadline {
-        Deadline { start, secs: secs.map(|s| s.clamp(0.0, crate::cli::MAX_TIMEOUT)) }
+        Deadline { start, secs: secs.map(|s| s.clamp(0.0, crate::config::MAX_TIMEOUT)) }
     }
     pub fn secs(&self) -> f64 {
         self.secs.unwrap_or_default()

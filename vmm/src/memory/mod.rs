@@ -2,6 +2,7 @@
 //! the whole RAM range, shown to KVM through a `View`. No guest page is
 //! populated before the guest (or the VMM on its behalf) touches it.
 
+use crate::config::{FileMap, FileMode, SwapFault, VptSpec, MAX_GPA};
 use crate::error::Error;
 use crate::pmap::{Delivery, View};
 use crate::uffd::{self, Uffd};
@@ -12,60 +13,6 @@ mod resolve;
 pub use resolve::{Access, DeliveryStats, GuestFault, Unresolved};
 use std::path::PathBuf;
 use std::sync::Arc;
-
-/// A host file mapped into guest-physical space (`--map-file`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FileMap {
-    pub path: PathBuf,
-    pub gpa: u64,
-    /// Bytes to map (page multiple); default the file size rounded up.
-    pub len: Option<u64>,
-    pub mode: FileMode,
-}
-
-/// `--map-file` modes (the pager's).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FileMode {
-    ReadOnly,
-    Shared,
-    Private,
-}
-
-impl FileMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            FileMode::ReadOnly => "ro",
-            FileMode::Shared => "shared",
-            FileMode::Private => "private",
-        }
-    }
-}
-
-/// Parse `PATH@GPA[,size=LEN][,ro|shared|private]`.
-pub fn parse_map_file(s: &str) -> Result<FileMap, String> {
-    let (path, rest) =
-        s.rsplit_once('@').ok_or_else(|| format!("'{s}': expected PATH@GPA[,size=LEN][,ro|shared|private]"))?;
-    let mut parts = rest.split(',');
-    let gpa_s = parts.next().unwrap_or_default();
-    let gpa = crate::cli::parse_addr(gpa_s).map_err(|e| format!("'{s}': {e}"))?;
-    let mut fm = FileMap { path: PathBuf::from(path), gpa, len: None, mode: FileMode::ReadOnly };
-    for p in parts {
-        match p {
-            "ro" => fm.mode = FileMode::ReadOnly,
-            "shared" => fm.mode = FileMode::Shared,
-            "private" => fm.mode = FileMode::Private,
-            _ if p.starts_with("size=") => fm.len = Some(crate::cli::parse_size(&p[5..])?),
-            _ => return Err(format!("'{s}': unknown option '{p}' (ro, shared, private, size=LEN)")),
-        }
-    }
-    if path.is_empty() {
-        return Err(format!("'{s}': empty file name"));
-    }
-    if gpa % 4096 != 0 || fm.len.is_some_and(|l| l == 0 || l % 4096 != 0) {
-        return Err(format!("'{s}': the address and size must be multiples of 4 KiB"));
-    }
-    Ok(fm)
-}
 
 /// A mapped file region, as the guest and the stats see it.
 #[derive(Clone)]
@@ -89,10 +36,10 @@ pub struct MemConfig {
     pub swap_reuse: bool,
     pub swap_size: Option<u64>,
     /// Test only: failures injected into swap I/O.
-    pub swap_fault: Option<crate::cli::SwapFault>,
-    /// `--vpt-region`s; none: the default windows (`vpagetable::DEFAULTS`)
+    pub swap_fault: Option<SwapFault>,
+    /// `--vpt-region`s; none: the default windows (`config::DEFAULT_WINDOWS`)
     /// if `default_vpt` (the bundled guest).
-    pub vpt: Vec<crate::vpagetable::VptSpec>,
+    pub vpt: Vec<VptSpec>,
     pub default_vpt: bool,
     /// `--clones`: VMs that will share this pager (and its swap) besides the first.
     pub clones: u32,
@@ -152,7 +99,7 @@ impl GuestRam {
                 0
             },
             swap_hook: cfg.swap_fault.map(|f| {
-                use crate::cli::SwapFault as F;
+                use SwapFault as F;
                 let hook = pager::FailHook::new();
                 match f {
                     F::ReadEio => hook.set_read(pager::FailMode::Eio),
@@ -419,7 +366,7 @@ fn open_files(vm: &Arc<Vm>, cfg: &MemConfig) -> Result<Vec<(FileMap, u64, pager:
             Some(l) => l,
             None => flen.div_ceil(4096) * 4096,
         };
-        let end = f.gpa.checked_add(len).filter(|&e| e <= crate::vm::MAX_GPA).ok_or_else(|| {
+        let end = f.gpa.checked_add(len).filter(|&e| e <= MAX_GPA).ok_or_else(|| {
             Error::Config(format!("--map-file {p}: {:#x}+{len:#x} is beyond the guest-physical space", f.gpa))
         })?;
         if f.gpa < cfg.size {
