@@ -234,7 +234,7 @@ impl CloneCtx {
         let v = vm_fd.create_vcpu(0).map_err(Error::kvm("KVM_CREATE_VCPU for a clone"))?;
         v.set_cpuid2(&self.cpuid).map_err(Error::kvm("KVM_SET_CPUID2"))?;
         state.restore(&v).map_err(Error::kvm("restoring the vCPU in a clone"))?;
-        ram.write(block + 56, &i64::from(id).to_le_bytes())
+        crate::devices::Hypercall::answer(&ram, block, i64::from(id))
             .map_err(|e| Error::Crash(format!("cannot answer CLONE in clone {id}: {e}")))?;
         let shared = Arc::new(Shared::new(
             ram,
@@ -350,8 +350,8 @@ impl CloneCtx {
         let mut st = self.state();
         st.pool_peak = st.pool_peak.max(pool);
         match &outcome {
-            Some(Outcome::Crash(m)) if st.crashed.is_none() => st.crashed = Some((id, m.clone())),
             Some(Outcome::Exit(s)) if *s != 0 && st.failed.is_none() => st.failed = Some(*s),
+            Some(o) if st.crashed.is_none() => st.crashed = o.crash_message().map(|m| (id, m)),
             _ => {}
         }
         if let Some(r) = st.records.iter_mut().find(|r| r.id == id) {
@@ -364,9 +364,9 @@ impl CloneCtx {
     fn stop_all(&self, why: &Outcome) {
         let live: Vec<Arc<Shared>> = self.state().live.iter().map(|l| l.shared.clone()).collect();
         for c in live {
-            c.finish(match why {
-                Outcome::Crash(m) => Outcome::Crash(format!("clone {} stopped: {m}", c.vm_id)),
-                o => o.clone(),
+            c.finish(match why.crash_message() {
+                Some(m) => Outcome::Crash(format!("clone {} stopped: {m}", c.vm_id)),
+                None => why.clone(),
             });
         }
     }
@@ -437,8 +437,8 @@ impl CloneCtx {
                         "parent_resident_bytes": c.resident_bytes,
                         "outcome": match &c.outcome {
                             Some(Outcome::Exit(s)) => json!({ "exit_status": s }),
-                            Some(Outcome::Crash(m)) => json!({ "crash": m }),
                             Some(Outcome::Interrupted(_)) => json!({ "interrupted": true }),
+                            Some(o) => json!({ "crash": o.crash_message() }),
                             None => Value::Null,
                         },
                         "faults": c.faults,

@@ -4,12 +4,13 @@
 use crate::boot;
 use crate::cli::RunArgs;
 use crate::config::FaultDelivery;
-use crate::devices::{Pc, Serial};
+use crate::devices::{Bus, VmIds};
 use crate::error::Error;
 use crate::guest_image;
 use crate::inputs::OutFile;
 use crate::memory::GuestFault;
 use crate::memory::{self, GuestRam, MemConfig};
+pub use crate::outcome::Outcome;
 use crate::pmap::Delivery;
 use crate::stats::{Reports, Stats};
 use crate::status;
@@ -27,17 +28,6 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
-
-/// How a VM ended.
-#[derive(Clone, Debug)]
-pub enum Outcome {
-    /// The guest exited with this status (as it gave it: any u64).
-    Exit(u64),
-    /// vkvm, the host or the guest failed: status 3.
-    Crash(String),
-    /// Stopped cleanly on this signal (SIGINT, SIGTERM): status 128 + N.
-    Interrupted(i32),
-}
 
 /// What the fault handler needs to reach a vCPU thread.
 #[derive(Default)]
@@ -58,10 +48,9 @@ pub struct Shared {
     pub ram: Arc<GuestRam>,
     /// Per vCPU: its thread and a refused access waiting to be injected.
     pub vcpus: Vec<VcpuSlot>,
-    pub serial: Serial,
-    /// fw_cfg, PCI configuration ports, debug-exit and shutdown ports.
-    pub pc: Pc,
-    pub stats: Stats,
+    /// Every port and MMIO device, the hypercall port included.
+    pub bus: Arc<Bus>,
+    pub stats: Arc<Stats>,
     /// Test reports of this VM and all its clones (each tagged with its VM).
     pub tests: Arc<Reports>,
     /// 0 for the VM vkvm booted, 1.. for clones.
@@ -94,13 +83,14 @@ impl Shared {
         profile: Option<crate::profile::Profile>,
         rom: Option<vm_memory::GuestMemoryMmap>,
     ) -> Result<Shared, Error> {
-        let memory = ram.size;
+        let stats = Arc::new(Stats::default());
+        let ids = VmIds { vm_id, nr_vcpus, tsc_khz };
+        let bus = Arc::new(Bus::new(ram.clone(), console, tests.clone(), stats.clone(), ids));
         Ok(Shared {
             ram,
             vcpus: (0..nr_vcpus).map(|_| VcpuSlot::default()).collect(),
-            serial: Serial::new(console),
-            pc: Pc::new(nr_vcpus, memory),
-            stats: Stats::default(),
+            bus,
+            stats,
             tests,
             vm_id,
             clones,
@@ -233,11 +223,7 @@ pub struct Finished {
 impl Finished {
     /// The process exit status (see `status.rs`).
     pub fn status(&self) -> u8 {
-        match &self.outcome {
-            Outcome::Exit(s) => status::of_guest(*s),
-            Outcome::Crash(_) => status::CRASH,
-            Outcome::Interrupted(sig) => status::of_signal(*sig),
-        }
+        self.outcome.status()
     }
     /// The process result: the guest's status, or the crash as an error.
     /// A guest status that is not passed through is said on stderr.
@@ -251,11 +237,11 @@ impl Finished {
                 Ok(st)
             }
             Outcome::Exit(_) => Ok(st),
-            Outcome::Crash(msg) => Err(Error::Crash(msg)),
             Outcome::Interrupted(sig) => {
                 status::eprint_line(&format!("vkvm: stopped by {}", crate::signals::name(sig)));
                 Ok(st)
             }
+            o => Err(Error::Crash(o.crash_message().unwrap_or_default())),
         }
     }
 }
@@ -429,7 +415,7 @@ pub fn execute(args: &RunArgs, profiling: bool, started: Instant) -> Result<Fini
     // Shared file mappings are written back before vkvm reports, whatever
     // stopped the run (a signal included): no guest write is lost.
     let outcome = match (outcome, shared.ram.sync_files()) {
-        (o @ Outcome::Crash(_), _) => o,
+        (o, _) if o.crash_message().is_some() => o,
         (_, Err(e)) => Outcome::Crash(e.to_string()),
         (o, Ok(())) => o,
     };
@@ -621,9 +607,7 @@ fn monitor(shared: &Arc<Shared>, deadline: Deadline) -> Result<Outcome, Error> {
             continue;
         }
         if mon.lock().unwrap_or_else(|e| e.into_inner()).timed_out || deadline.passed() {
-            let secs = deadline.secs();
-            let o = Outcome::Crash(format!("guest did not exit within the --timeout of {secs} s; stopped it"));
-            shared.finish(o.clone());
+            shared.finish(Outcome::TimedOut { secs: deadline.secs() });
             continue;
         }
         em.run_with_timeout(1000).map_err(|e| Error::Crash(format!("event manager: {e:?}")))?;
@@ -678,11 +662,11 @@ fn write_stats(file: &mut OutFile, done: &Finished) -> Result<(), Error> {
     });
     match &done.outcome {
         Outcome::Exit(s) => v["guest_exit_status"] = json!(s),
-        Outcome::Crash(msg) => v["crash"] = json!(msg),
         Outcome::Interrupted(sig) => {
             v["interrupted"] = json!(true);
             v["signal"] = json!(crate::signals::name(*sig));
         }
+        o => v["crash"] = json!(o.crash_message()),
     }
     let text = serde_json::to_string_pretty(&v).map_err(|e| Error::Crash(format!("stats JSON: {e}")))?;
     file.write(&(text + "\n"))

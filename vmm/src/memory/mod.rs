@@ -338,6 +338,26 @@ impl GuestRam {
     }
 }
 
+/// A small guest memory for unit tests (no KVM needed): `size` bytes of
+/// RAM, exit delivery, these VPAGETABLE windows.
+#[cfg(test)]
+pub fn test_ram(size: u64, vpt: &[VptSpec]) -> Arc<GuestRam> {
+    let cfg = MemConfig {
+        size,
+        files: Vec::new(),
+        delivery: Delivery::Exit,
+        phys_mem: None,
+        swap: None,
+        swap_reuse: false,
+        swap_size: None,
+        swap_fault: None,
+        vpt: vpt.to_vec(),
+        default_vpt: false,
+        clones: 0,
+    };
+    Arc::new(GuestRam::new(&cfg).expect("test guest memory"))
+}
+
 /// Open every `--map-file`, check sizes and overlaps: (file, bytes, object).
 /// One host file is one object however often it is mapped (BSD's one vnode
 /// object per vnode): two `,shared` maps of a file see each other's writes

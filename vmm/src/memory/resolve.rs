@@ -37,7 +37,7 @@ impl Access {
 }
 
 /// A guest access the map refused, to be reported to the guest as #PF.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GuestFault {
     pub gpa: u64,
     pub write: bool,
