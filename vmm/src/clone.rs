@@ -16,7 +16,10 @@
 
 use crate::abi;
 use crate::cli::RunArgs;
+use crate::devices::Hypercall;
 use crate::error::Error;
+use crate::kvm::{self, VcpuState};
+use crate::vcpu::{CloneError, Cloner};
 use crate::vm::{self, Deadline, Outcome, Shared, VmThreads};
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -24,7 +27,7 @@ use serde_json::{json, Value};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 /// Clones described one by one in `--stats-json`; the rest are counted.
@@ -32,20 +35,6 @@ pub const MAX_RECORDS: usize = 256;
 /// Reaper threads: closing a KVM VM takes 1-25 ms here (the kernel waits
 /// for RCU grace periods), so clones are reclaimed a few at a time.
 const REAPERS: usize = 4;
-
-/// Why a CLONE failed.
-pub enum CloneError {
-    /// The guest's doing (a limit, a multi-vCPU VM): -errno, the VM runs on.
-    Refused(i64, String),
-    /// The host could not make the clone: -ENOMEM, then the run ends (status 3).
-    Host(Error),
-}
-
-impl From<Error> for CloneError {
-    fn from(e: Error) -> CloneError {
-        CloneError::Host(e)
-    }
-}
 
 /// What a VM needs to clone itself, the clones alive, and what they did.
 pub struct CloneCtx {
@@ -61,6 +50,8 @@ pub struct CloneCtx {
     /// been reclaimed (for `wait_all`).
     cv: Condvar,
     reapers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// This context itself, for the reapers and the clones' callbacks.
+    me: Weak<CloneCtx>,
 }
 
 #[derive(Default)]
@@ -113,39 +104,6 @@ impl Drop for ParentProtect<'_> {
     }
 }
 
-/// The calling vCPU's state at the hypercall.
-struct VcpuState {
-    regs: kvm_bindings::kvm_regs,
-    sregs: kvm_bindings::kvm_sregs,
-    fpu: kvm_bindings::kvm_fpu,
-    lapic: Option<kvm_bindings::kvm_lapic_state>,
-    xcrs: Option<kvm_bindings::kvm_xcrs>,
-}
-
-impl VcpuState {
-    fn save(v: &VcpuFd) -> Result<VcpuState, kvm_ioctls::Error> {
-        Ok(VcpuState {
-            regs: v.get_regs()?,
-            sregs: v.get_sregs()?,
-            fpu: v.get_fpu()?,
-            lapic: v.get_lapic().ok(),
-            xcrs: v.get_xcrs().ok(),
-        })
-    }
-    fn restore(&self, v: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
-        v.set_sregs(&self.sregs)?;
-        v.set_regs(&self.regs)?;
-        v.set_fpu(&self.fpu)?;
-        if let Some(l) = &self.lapic {
-            v.set_lapic(l)?;
-        }
-        if let Some(x) = &self.xcrs {
-            v.set_xcrs(x)?;
-        }
-        Ok(())
-    }
-}
-
 /// Console of clone `k`: every line prefixed so outputs can be told apart.
 struct Prefixed {
     prefix: String,
@@ -169,9 +127,17 @@ impl Write for Prefixed {
     }
 }
 
+impl Cloner for CloneCtx {
+    fn clone_vm(&self, parent: &Hypercall, vcpu: &VcpuFd, block: u64) -> Result<(), CloneError> {
+        // The context lives as long as the VM that can call CLONE.
+        let me = self.me.upgrade().ok_or_else(|| CloneError::Refused(abi::EAGAIN, "the run is ending".into()))?;
+        me.spawn(parent, vcpu, block)
+    }
+}
+
 impl CloneCtx {
-    pub fn new(args: &RunArgs, cpuid: &CpuId) -> CloneCtx {
-        CloneCtx {
+    pub fn new(args: &RunArgs, cpuid: &CpuId) -> Arc<CloneCtx> {
+        Arc::new_cyclic(|me| CloneCtx {
             kvm_device: args.kvm_device.clone(),
             cpuid: cpuid.clone(),
             per_call: args.clones.max(1),
@@ -181,7 +147,8 @@ impl CloneCtx {
             st: Mutex::new(State::default()),
             cv: Condvar::new(),
             reapers: Mutex::new(Vec::new()),
-        }
+            me: me.clone(),
+        })
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -190,7 +157,7 @@ impl CloneCtx {
 
     /// CLONE from `parent`'s vCPU `vcpu` (the only one): make `per_call`
     /// clones. `block` is the hypercall block, where each clone finds its number.
-    pub fn spawn(self: &Arc<Self>, parent: &Arc<Shared>, vcpu: &VcpuFd, block: u64) -> Result<(), CloneError> {
+    fn spawn(self: &Arc<Self>, parent: &Hypercall, vcpu: &VcpuFd, block: u64) -> Result<(), CloneError> {
         if parent.nr_vcpus != 1 {
             return Err(CloneError::Refused(abi::EINVAL, "CLONE needs a single-vCPU VM".into()));
         }
@@ -207,7 +174,7 @@ impl CloneCtx {
         }
         self.start_reapers()?;
         let state = VcpuState::save(vcpu).map_err(Error::kvm("saving the vCPU for a clone"))?;
-        let kvm = vm::open_kvm(&self.kvm_device)?;
+        let kvm = kvm::open(&self.kvm_device)?;
         for _ in 0..self.per_call {
             self.spawn_one(parent, &kvm, &state, block)?;
         }
@@ -216,7 +183,7 @@ impl CloneCtx {
 
     fn spawn_one(
         self: &Arc<Self>,
-        parent: &Arc<Shared>,
+        parent: &Hypercall,
         kvm: &kvm_ioctls::Kvm,
         state: &VcpuState,
         block: u64,
@@ -229,8 +196,8 @@ impl CloneCtx {
         // on every way out, a failure included.
         let protect = ParentProtect(&parent.ram.view);
         let vm_fd = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM for a clone"))?;
-        vm::register_memory(&vm_fd, &ram)?;
-        vm::create_irqchip(&vm_fd)?;
+        kvm::register_memory(&vm_fd, &ram)?;
+        kvm::create_irqchip(&vm_fd)?;
         let v = vm_fd.create_vcpu(0).map_err(Error::kvm("KVM_CREATE_VCPU for a clone"))?;
         v.set_cpuid2(&self.cpuid).map_err(Error::kvm("KVM_SET_CPUID2"))?;
         state.restore(&v).map_err(Error::kvm("restoring the vCPU in a clone"))?;

@@ -1,43 +1,114 @@
-//! The vCPU loop: KVM_RUN, hand the exit to its handler (`dispatch.rs`),
-//! do what needs the vCPU itself (inject #PF, read registers, clone),
-//! re-enter.
+//! A vCPU: its thread's loop over `KVM_RUN`, and its run state. The exit
+//! goes to its handler (`dispatch.rs`); what needs the vCPU itself happens
+//! here (inject #PF, read registers, clone, park); before entering the
+//! guest it stops at a checkpoint when the VM is being paused or has ended
+//! (`control.rs`). A parked vCPU keeps its thread: it waits, answering
+//! state requests, until the VM ends.
 
 use crate::abi;
+use crate::control::{Checkpoint, Control, Reply, Request};
+use crate::devices::{Bus, Hypercall};
 use crate::dispatch::{Exit, ExitHandler, Next, Stop};
-use crate::memory::GuestFault;
+use crate::error::Error;
+use crate::kvm::{Kick, VcpuState};
+use crate::memory::{GuestFault, GuestRam};
+use crate::outcome::Outcome;
+use crate::profile::Profile;
 use crate::ratelimit;
-use crate::vm::{Outcome, Shared};
+use crate::stats::Stats;
 use kvm_ioctls::VcpuFd;
 use log::debug;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-pub fn run(shared: Arc<Shared>, fd: VcpuFd, id: u32) {
-    let exits = ExitHandler::new(id, shared.ram.clone(), shared.bus.clone(), shared.stats.clone());
-    Vcpu { id, fd, exits, shared }.run();
+/// Why a CLONE failed.
+pub enum CloneError {
+    /// The guest's doing (a limit, a multi-vCPU VM): -errno, the VM runs on.
+    Refused(i64, String),
+    /// The host could not make the clone: -ENOMEM, then the run ends (status 3).
+    Host(Error),
+}
+
+impl From<Error> for CloneError {
+    fn from(e: Error) -> CloneError {
+        CloneError::Host(e)
+    }
+}
+
+/// Makes VM clones for the CLONE hypercall (`clone.rs`).
+pub trait Cloner: Send + Sync {
+    /// Clone the VM whose hypercall device is `parent` from `vcpu` (its
+    /// only vCPU, stopped in the call); `block` is the call's block.
+    fn clone_vm(&self, parent: &Hypercall, vcpu: &VcpuFd, block: u64) -> Result<(), CloneError>;
+}
+
+/// What every vCPU of one VM shares: guest memory, the device bus (the
+/// hypercall port included), the run control, and what CLONE and the
+/// profiler need.
+#[derive(Clone)]
+pub struct VcpuContext {
+    pub ram: Arc<GuestRam>,
+    pub bus: Arc<Bus>,
+    pub stats: Arc<Stats>,
+    pub ctl: Arc<Control>,
+    /// None in a clone (a clone cannot clone itself).
+    pub cloner: Option<Arc<dyn Cloner>>,
+    pub profile: Option<Arc<Profile>>,
 }
 
 /// One vCPU, owned by its thread.
-struct Vcpu {
+pub struct Vcpu {
     id: u32,
     fd: VcpuFd,
     exits: ExitHandler,
-    shared: Arc<Shared>,
+    ctx: VcpuContext,
+}
+
+/// A request from another thread, answered by the vCPU's own thread.
+fn serve(fd: &VcpuFd, r: Request) -> Reply {
+    match r {
+        Request::Capture => VcpuState::save(fd).map(Box::new).map_err(|e| e.to_string()),
+    }
 }
 
 impl Vcpu {
-    fn run(&mut self) {
-        let shared = self.shared.clone();
-        let recorder = shared.profile.as_ref().and_then(|p| p.vcpus.get(self.id as usize));
-        if let Some(slot) = shared.vcpus.get(self.id as usize) {
-            // SAFETY: gettid has no side effects.
-            slot.tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
-        }
-        while !shared.finished() {
+    pub fn new(id: u32, fd: VcpuFd, ctx: &VcpuContext) -> Vcpu {
+        let exits = ExitHandler::new(id, ctx.ram.clone(), ctx.bus.clone(), ctx.stats.clone());
+        Vcpu { id, fd, exits, ctx: ctx.clone() }
+    }
+
+    /// The thread's body: run until the VM ends.
+    pub fn run(mut self) {
+        let kick = Kick::attach(&mut self.fd);
+        self.ctx.ctl.attach(self.id);
+        self.run_loop(&kick);
+        drop(kick);
+        self.ctx.ctl.detach(self.id);
+    }
+
+    fn run_loop(&mut self, kick: &Kick) {
+        let profile = self.ctx.profile.clone();
+        let recorder = profile.as_ref().and_then(|p| p.vcpus.get(self.id as usize));
+        // The last KVM_RUN left no access half done (it was interrupted).
+        let mut whole = true;
+        loop {
+            if self.ctx.ctl.attention() {
+                let (id, fd) = (self.id, &self.fd);
+                match self.ctx.ctl.checkpoint(id, whole, &mut |r| serve(fd, r)) {
+                    Checkpoint::Quit => return,
+                    Checkpoint::CompleteFirst => kick.request_exit(),
+                    Checkpoint::Run => {}
+                }
+            }
             let entered = recorder.map(|_| Instant::now());
             let exit = Exit::of(self.fd.run());
             let returned = recorder.map(|_| Instant::now());
+            whole = matches!(exit, Exit::Interrupted);
+            if whole {
+                // Before anything else: a kick after this is not lost.
+                kick.clear();
+            }
             let (reason, next) = self.exits.handle(exit);
             if let (Some(rec), Some(t0), Some(t1)) = (recorder, entered, returned) {
                 rec.lock().unwrap_or_else(|e| e.into_inner()).record(reason, t1 - t0, t1.elapsed());
@@ -52,7 +123,7 @@ impl Vcpu {
     fn apply(&mut self, next: Next) -> bool {
         match next {
             Next::Continue => true,
-            Next::Interrupted => match self.pending() {
+            Next::Interrupted => match self.ctx.ctl.take_pending(self.id) {
                 Some(f) => self.inject(f),
                 None => true,
             },
@@ -63,12 +134,13 @@ impl Vcpu {
             }
             Next::Park => {
                 debug!("vcpu {} parked", self.id);
-                self.shared.park();
+                let (id, fd) = (self.id, &self.fd);
+                self.ctx.ctl.park(id, &mut |r| serve(fd, r));
                 false
             }
             Next::Stop(stop) => {
                 let o = self.outcome(stop);
-                self.shared.finish(o);
+                self.ctx.ctl.finish(o);
                 false
             }
         }
@@ -92,19 +164,13 @@ impl Vcpu {
         }
     }
 
-    /// A refused access the fault handler left for this vCPU.
-    fn pending(&self) -> Option<GuestFault> {
-        let slot = self.shared.vcpus.get(self.id as usize)?;
-        slot.pending.lock().unwrap_or_else(|e| e.into_inner()).take()
-    }
-
     /// Raise #PF for a refused access; false if that failed (the VM stops).
     fn inject(&mut self, f: GuestFault) -> bool {
         let id = self.id;
         let rw = if f.write { "write" } else { "read" };
         crate::limited!(ratelimit::REFUSED_ACCESS, "vcpu {id}: {rw} at {:#x} refused ({}): #PF", f.gpa, f.error);
-        if let Err(e) = inject_page_fault(&self.fd, f.gpa, f.write, self.shared.ram.pf_error_bits(&f)) {
-            self.shared.finish(Outcome::Crash(format!("cannot inject a page fault into vcpu {id}: {e}")));
+        if let Err(e) = inject_page_fault(&self.fd, f.gpa, f.write, self.ctx.ram.pf_error_bits(&f)) {
+            self.ctx.ctl.finish(Outcome::Crash(format!("cannot inject a page fault into vcpu {id}: {e}")));
             return false;
         }
         true
@@ -113,10 +179,9 @@ impl Vcpu {
     /// CLONE from this vCPU; a refusal or a host failure is the guest's
     /// answer in `ret` (and a host failure ends the run).
     fn clone_vm(&mut self, block: u64) {
-        use crate::clone::CloneError;
-        let shared = &self.shared;
-        let r = match &shared.clones {
-            Some(ctx) => ctx.spawn(shared, &self.fd, block),
+        let ctx = &self.ctx;
+        let r = match &ctx.cloner {
+            Some(c) => c.clone_vm(&ctx.bus.hypercall, &self.fd, block),
             None => Err(CloneError::Refused(abi::EINVAL, "a clone cannot clone itself".into())),
         };
         let errno = match r {
@@ -129,12 +194,12 @@ impl Vcpu {
             // The host could not make it: the guest is told, and the run
             // ends as a host failure (status 3).
             Err(CloneError::Host(e)) => {
-                shared.finish(Outcome::Crash(format!("host failure during CLONE: {e}")));
+                ctx.ctl.finish(Outcome::Crash(format!("host failure during CLONE: {e}")));
                 abi::ENOMEM
             }
         };
-        shared.stats.bad_hypercalls.fetch_add(1, Ordering::Relaxed);
-        let _ = crate::devices::Hypercall::answer(&shared.ram, block, -errno);
+        ctx.stats.bad_hypercalls.fetch_add(1, Ordering::Relaxed);
+        let _ = Hypercall::answer(&ctx.ram, block, -errno);
     }
 }
 

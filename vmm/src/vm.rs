@@ -4,6 +4,7 @@
 use crate::boot;
 use crate::cli::RunArgs;
 use crate::config::FaultDelivery;
+use crate::control::Control;
 use crate::devices::{Bus, VmIds};
 use crate::error::Error;
 use crate::guest_image;
@@ -15,39 +16,19 @@ use crate::pmap::Delivery;
 use crate::stats::{Reports, Stats};
 use crate::status;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use log::{info, warn};
 use serde_json::json;
-use std::ffi::CString;
 use std::os::fd::AsRawFd;
-use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-/// What the fault handler needs to reach a vCPU thread.
-#[derive(Default)]
-pub struct VcpuSlot {
-    pub tid: std::sync::atomic::AtomicI32,
-    pub pending: Mutex<Option<GuestFault>>,
-}
-
-/// Real-time signal that kicks a vCPU out of KVM_RUN (its handler does nothing).
-pub fn kick_signal() -> i32 {
-    vmm_sys_util::signal::SIGRTMIN() + 1
-}
-
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-/// State the vCPU threads and the monitor share.
+/// State the monitor, the clones and `--stats-json` share.
 pub struct Shared {
     pub ram: Arc<GuestRam>,
-    /// Per vCPU: its thread and a refused access waiting to be injected.
-    pub vcpus: Vec<VcpuSlot>,
     /// Every port and MMIO device, the hypercall port included.
     pub bus: Arc<Bus>,
     pub stats: Arc<Stats>,
@@ -55,19 +36,15 @@ pub struct Shared {
     pub tests: Arc<Reports>,
     /// 0 for the VM vkvm booted, 1.. for clones.
     pub vm_id: u32,
-    /// What a CLONE hypercall needs (None in a clone of a clone's... never).
+    /// What a CLONE hypercall needs (None in a clone).
     pub clones: Option<Arc<crate::clone::CloneCtx>>,
     pub nr_vcpus: u32,
-    pub tsc_khz: u32,
     /// Exit-latency histograms, when profiling is on.
-    pub profile: Option<crate::profile::Profile>,
+    pub profile: Option<Arc<crate::profile::Profile>>,
     /// The firmware ROM's memory (`--boot firmware`), kept for KVM's sake.
     _rom: Option<vm_memory::GuestMemoryMmap>,
-    parked: AtomicU32,
-    outcome: Mutex<Option<Outcome>>,
-    exit_evt: EventFd,
-    /// Called once the VM has an outcome (a clone's: wakes the reaper).
-    on_finish: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// Run states, pause and resume, the outcome.
+    pub ctl: Arc<Control>,
 }
 
 impl Shared {
@@ -88,88 +65,44 @@ impl Shared {
         let bus = Arc::new(Bus::new(ram.clone(), console, tests.clone(), stats.clone(), ids));
         Ok(Shared {
             ram,
-            vcpus: (0..nr_vcpus).map(|_| VcpuSlot::default()).collect(),
             bus,
             stats,
             tests,
             vm_id,
             clones,
             nr_vcpus,
-            tsc_khz,
-            profile,
+            profile: profile.map(Arc::new),
             _rom: rom,
-            parked: AtomicU32::new(0),
-            outcome: Mutex::new(None),
-            exit_evt: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(Error::io("eventfd"))?,
-            on_finish: std::sync::OnceLock::new(),
+            ctl: Arc::new(Control::new(nr_vcpus).map_err(Error::io("eventfd"))?),
         })
     }
 
-    /// How this VM ended, if it has.
     pub fn outcome(&self) -> Option<Outcome> {
-        self.outcome.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.ctl.outcome()
     }
-
-    /// The first outcome wins; the monitor is woken to stop the VM.
     pub fn finish(&self, o: Outcome) {
-        let mut g = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
-        let first = g.is_none();
-        if first {
-            *g = Some(o);
-        }
-        drop(g);
-        // Wake-up only: the outcome is already recorded.
-        let _ = self.exit_evt.write(1);
-        if let (true, Some(f)) = (first, self.on_finish.get()) {
-            f();
-        }
+        self.ctl.finish(o)
     }
-
-    /// Run `f` when this VM finishes (at most one such callback).
     pub fn set_on_finish(&self, f: Box<dyn Fn() + Send + Sync>) {
-        let _ = self.on_finish.set(f);
+        self.ctl.set_on_finish(f)
     }
-
-    /// Kick every vCPU thread out of KVM_RUN or a fault wait.
-    pub fn kick_all(&self) {
-        for v in &self.vcpus {
-            let tid = v.tid.load(Ordering::Relaxed);
-            if tid > 0 {
-                // SAFETY: signalling one of our own threads; its handler does nothing.
-                unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, kick_signal()) };
-            }
-        }
-    }
-    /// Hand a refused guest access to the vCPU that made it and kick that
-    /// vCPU out of its fault wait; false if no vCPU has that thread id.
-    pub fn refuse(&self, f: GuestFault) -> bool {
-        let Some(slot) = self.vcpus.iter().find(|v| v.tid.load(Ordering::Relaxed) == f.tid as i32) else {
-            return false;
-        };
-        *slot.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
-        // SAFETY: signalling one of our own threads; its handler does nothing.
-        unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), f.tid as libc::c_int, kick_signal()) };
-        true
-    }
-
     pub fn finished(&self) -> bool {
-        self.outcome.lock().unwrap_or_else(|e| e.into_inner()).is_some()
-    }
-    /// A vCPU that stopped running (parked, or halted).
-    pub fn park(&self) {
-        if self.parked.fetch_add(1, Ordering::SeqCst) + 1 == self.nr_vcpus {
-            self.finish(Outcome::Crash("every vCPU parked or halted and none asked to exit".into()));
-        }
+        self.ctl.finished()
     }
 }
 
 /// What the userfaultfd handler cannot settle goes to the VM.
-impl crate::fault::Report for Shared {
+struct FaultReport {
+    ctl: Arc<Control>,
+    profile: Option<Arc<crate::profile::Profile>>,
+}
+
+impl crate::fault::Report for FaultReport {
     fn refused(&self, f: GuestFault) -> bool {
-        self.refuse(f)
+        self.ctl.refuse(f)
     }
     fn fatal(&self, msg: String) {
-        self.finish(Outcome::Crash(msg));
+        self.ctl.finish(Outcome::Crash(msg));
     }
     fn timing(&self) -> bool {
         self.profile.is_some()
@@ -178,38 +111,6 @@ impl crate::fault::Report for Shared {
         if let Some(p) = &self.profile {
             p.record_stages(t);
         }
-    }
-}
-
-/// Open the KVM device with advice on the usual failures.
-pub fn open_kvm(path: &Path) -> Result<Kvm, Error> {
-    let c = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| Error::Kvm(format!("{} is not a valid path", path.display())))?;
-    let kvm = Kvm::new_with_path(&c).map_err(|e| match e.errno() {
-        // The host is out of descriptors or memory: not the user's to fix.
-        libc::EMFILE | libc::ENFILE | libc::ENOMEM => Error::Crash(format!("cannot open {}: {e}", path.display())),
-        errno => Error::Kvm(open_error(path, errno)),
-    })?;
-    match kvm.get_api_version() {
-        12 => Ok(kvm),
-        v => Err(Error::Kvm(format!(
-            "{} is not a KVM device (KVM_GET_API_VERSION answered {v}, expected 12)",
-            path.display()
-        ))),
-    }
-}
-
-/// Advice for the usual reasons opening the KVM device fails.
-fn open_error(path: &Path, errno: i32) -> String {
-    let p = path.display();
-    match errno {
-        libc::ENOENT => {
-            format!("{p} does not exist: load KVM (modprobe kvm_intel or kvm_amd) on a host with virtualization enabled")
-        }
-        libc::EACCES | libc::EPERM => format!(
-            "permission denied on {p}: add yourself to the kvm group (usermod -aG kvm $USER, then log in again) or run as root"
-        ),
-        e => format!("{p}: {}", std::io::Error::from_raw_os_error(e)),
     }
 }
 
@@ -287,16 +188,10 @@ impl Deadline {
     }
 }
 
-/// KVM's vCPU limit, for the message about a bad `--vcpus` (None if the
-/// device cannot be opened: the message then says so in words).
-fn host_max_vcpus(path: &Path) -> Option<u32> {
-    open_kvm(path).ok().map(|k| k.get_max_vcpus() as u32)
-}
-
 /// Boot a VM and wait until it stops (or times out, or a signal stops it).
 pub fn execute(args: &RunArgs, profiling: bool, started: Instant) -> Result<Finished, Error> {
     let deadline = Deadline::new(started, args.timeout);
-    args.validate(if args.vcpus == 0 { host_max_vcpus(&args.kvm_device) } else { None })?;
+    args.validate(if args.vcpus == 0 { crate::kvm::host_max_vcpus(&args.kvm_device) } else { None })?;
     let mut stats_file = args.stats_json.as_deref().map(|p| OutFile::create(p, "--stats-json")).transpose()?;
     let multiboot_bundled = args.guest.is_none() && args.boot == boot::BootMode::Multiboot;
     let (image, what, path_word) = match &args.guest {
@@ -313,9 +208,8 @@ pub fn execute(args: &RunArgs, profiling: bool, started: Instant) -> Result<Fini
     };
     let plan = boot::prepare(&image, &what, args.boot, args.memory, &args.module)?;
     deadline.check("reading the kernel")?;
-    let kvm = open_kvm(&args.kvm_device)?;
-    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
-        .map_err(|e| Error::Crash(format!("cannot install the vCPU kick signal handler: {e}")))?;
+    let kvm = crate::kvm::open(&args.kvm_device)?;
+    crate::kvm::install_kick()?;
     let max_vcpus = kvm.get_max_vcpus() as u32;
     args.validate(Some(max_vcpus))?;
     let vm_started = Instant::now();
@@ -344,8 +238,8 @@ pub fn execute(args: &RunArgs, profiling: bool, started: Instant) -> Result<Fini
         clones: args.clones,
     })?);
     deadline.check("guest memory")?;
-    register_memory(&vm, &ram)?;
-    create_irqchip(&vm)?;
+    crate::kvm::register_memory(&vm, &ram)?;
+    crate::kvm::create_irqchip(&vm)?;
     let cmdline = boot::guest_cmdline(&plan, &path_word, &args.cmdline, &ram.guest_cmdline())?;
     let entry = boot::load(&plan, &ram, &image, &what, &cmdline)?;
     deadline.check("loading the kernel")?;
@@ -367,15 +261,7 @@ pub fn execute(args: &RunArgs, profiling: bool, started: Instant) -> Result<Fini
     let mut vcpus = Vec::new();
     for id in 0..args.vcpus {
         let vcpu = vm.create_vcpu(id as u64).map_err(Error::kvm(format!("KVM_CREATE_VCPU {id}")))?;
-        let mut c = cpuid.clone();
-        for e in c.as_mut_slice() {
-            match e.function {
-                1 => e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24),
-                0xb | 0x1f => e.edx = id,
-                _ => {}
-            }
-        }
-        vcpu.set_cpuid2(&c).map_err(Error::kvm("KVM_SET_CPUID2"))?;
+        vcpu.set_cpuid2(&crate::kvm::cpuid_for(&cpuid, id)).map_err(Error::kvm("KVM_SET_CPUID2"))?;
         if firmware {
             boot::firmware::setup_vcpu(&vcpu, id)?;
         } else {
@@ -386,7 +272,7 @@ pub fn execute(args: &RunArgs, profiling: bool, started: Instant) -> Result<Fini
     let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0);
     deadline.check("creating the vCPUs")?;
 
-    let clones = Arc::new(crate::clone::CloneCtx::new(args, &cpuid));
+    let clones = crate::clone::CloneCtx::new(args, &cpuid);
     let shared = Arc::new(Shared::new(
         ram.clone(),
         args.vcpus,
@@ -460,7 +346,7 @@ impl VmThreads {
         let until = Instant::now() + STOP_WAIT;
         // A kick can land just before a thread enters KVM_RUN: repeat it.
         while !self.vcpus_done() && Instant::now() < until {
-            shared.kick_all();
+            shared.ctl.kick_all();
             std::thread::sleep(Duration::from_millis(2));
         }
         let mut all = self.vcpus_done();
@@ -495,20 +381,27 @@ pub fn start_threads(
 ) -> Result<VmThreads, Error> {
     let ram = &shared.ram;
     let stop = Arc::new(crate::fault::Stop::new().map_err(Error::io("cannot create an eventfd"))?);
+    let report = FaultReport { ctl: shared.ctl.clone(), profile: shared.profile.clone() };
     let mut threads = VmThreads { vcpus: Vec::new(), uffd: None, stop_faults: stop.clone() };
     if ram.uffd.is_some() {
-        let (r, stop, s) = (ram.clone(), stop, shared.clone());
+        let r = ram.clone();
         let t = std::thread::Builder::new()
             .name(format!("uffd-vm{}", shared.vm_id))
-            .spawn(move || crate::fault::serve(r, stop, uffd_poll, &*s))
+            .spawn(move || crate::fault::serve(r, stop, uffd_poll, &report))
             .map_err(Error::io("cannot start the userfaultfd thread"))?;
         threads.uffd = Some(t);
     }
+    let ctx = crate::vcpu::VcpuContext {
+        ram: shared.ram.clone(),
+        bus: shared.bus.clone(),
+        stats: shared.stats.clone(),
+        ctl: shared.ctl.clone(),
+        cloner: shared.clones.clone().map(|c| c as Arc<dyn crate::vcpu::Cloner>),
+        profile: shared.profile.clone(),
+    };
     for (id, vcpu) in vcpus.into_iter().enumerate() {
-        let s = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("vm{}-vcpu{id}", shared.vm_id))
-            .spawn(move || crate::vcpu::run(s, vcpu, id as u32));
+        let v = crate::vcpu::Vcpu::new(id as u32, vcpu, &ctx);
+        let spawned = std::thread::Builder::new().name(format!("vm{}-vcpu{id}", shared.vm_id)).spawn(move || v.run());
         match spawned {
             Ok(t) => threads.vcpus.push(t),
             Err(e) => {
@@ -518,35 +411,6 @@ pub fn start_threads(
         }
     }
     Ok(threads)
-}
-
-pub fn register_memory(vm: &VmFd, ram: &GuestRam) -> Result<(), Error> {
-    for (slot, (gpa, len, _)) in ram.regions().enumerate() {
-        let r = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: gpa,
-            memory_size: len,
-            userspace_addr: ram.view.host_addr() + gpa,
-        };
-        // SAFETY: the view stays mapped for as long as the VM exists (GuestRam
-        // lives in `Shared`, which outlives every vCPU).
-        unsafe { vm.set_user_memory_region(r) }.map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
-    }
-    Ok(())
-}
-
-/// KVM's in-kernel PC interrupt controllers (LAPIC per vCPU, IOAPIC, PIC)
-/// and PIT, before any vCPU exists: the LAPIC is what lets a kernel start
-/// its APs by INIT/SIPI. Without a PIT nothing is lost but a timer a
-/// kernel might calibrate against, so its failure only warns.
-pub fn create_irqchip(vm: &VmFd) -> Result<(), Error> {
-    vm.create_irq_chip().map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
-    let pit = kvm_bindings::kvm_pit_config::default();
-    if let Err(e) = vm.create_pit2(pit) {
-        warn!("no in-kernel PIT (KVM_CREATE_PIT2: {e}); continuing without one");
-    }
-    Ok(())
 }
 
 /// Waits for the guest's exit event or the timeout.
@@ -562,11 +426,11 @@ impl MutEventSubscriber for Monitor {
             self.timed_out = true;
         } else {
             // Reading only resets the eventfd; the outcome is in `shared`.
-            let _ = self.shared.exit_evt.read();
+            let _ = self.shared.ctl.exit_event().read();
         }
     }
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.shared.exit_evt, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::new(self.shared.ctl.exit_event(), EventSet::IN)) {
             warn!("cannot watch the exit event: {e}");
         }
         // A signal only wakes the loop; `signals::pending` says which.
@@ -599,7 +463,7 @@ fn monitor(shared: &Arc<Shared>, deadline: Deadline) -> Result<Outcome, Error> {
         EventManager::<Arc<Mutex<Monitor>>>::new().map_err(|e| Error::Crash(format!("event manager: {e:?}")))?;
     em.add_subscriber(mon.clone());
     loop {
-        if let Some(o) = shared.outcome.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        if let Some(o) = shared.outcome() {
             return Ok(o);
         }
         if let Some(sig) = crate::signals::pending() {
@@ -670,18 +534,4 @@ fn write_stats(file: &mut OutFile, done: &Finished) -> Result<(), Error> {
     }
     let text = serde_json::to_string_pretty(&v).map_err(|e| Error::Crash(format!("stats JSON: {e}")))?;
     file.write(&(text + "\n"))
-}
-
-#[cfg(test)]
-mod test {
-    use super::open_error;
-    use std::path::Path;
-
-    #[test]
-    fn kvm_open_errors_say_how_to_fix() {
-        let p = Path::new("/dev/kvm");
-        assert!(open_error(p, libc::ENOENT).contains("modprobe"));
-        assert!(open_error(p, libc::EACCES).contains("kvm group"));
-        assert!(open_error(p, libc::EIO).contains("/dev/kvm"));
-    }
 }
