@@ -19,10 +19,11 @@ use crate::cli::RunArgs;
 use crate::devices::Hypercall;
 use crate::error::Error;
 use crate::kvm::{self, VcpuState};
+use crate::outcome::Outcome;
 use crate::vcpu::{CloneError, Cloner};
-use crate::vm::{self, Deadline, Outcome, Shared, VmThreads};
+use crate::vm::{self, Deadline, Devices, RunningVm};
 use kvm_bindings::CpuId;
-use kvm_ioctls::{VcpuFd, VmFd};
+use kvm_ioctls::VcpuFd;
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::PathBuf;
@@ -57,7 +58,7 @@ pub struct CloneCtx {
 #[derive(Default)]
 struct State {
     /// Clones not yet reclaimed (running, or finished and waiting for a reaper).
-    live: Vec<Live>,
+    live: Vec<RunningVm>,
     /// Clones a reaper is reclaiming now (they still count against the cap).
     reclaiming: usize,
     records: Vec<Record>,
@@ -72,12 +73,6 @@ struct State {
     pool_peak: u64,
     /// `wait_all` is done: the reapers end once `live` is empty.
     closing: bool,
-}
-
-struct Live {
-    shared: Arc<Shared>,
-    threads: VmThreads,
-    vm_fd: VmFd,
 }
 
 /// One clone, as `--stats-json` shows it.
@@ -195,35 +190,28 @@ impl CloneCtx {
         // From here the parent's write-protection is deferred: it must run
         // on every way out, a failure included.
         let protect = ParentProtect(&parent.ram.view);
-        let vm_fd = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM for a clone"))?;
-        kvm::register_memory(&vm_fd, &ram)?;
-        kvm::create_irqchip(&vm_fd)?;
-        let v = vm_fd.create_vcpu(0).map_err(Error::kvm("KVM_CREATE_VCPU for a clone"))?;
-        v.set_cpuid2(&self.cpuid).map_err(Error::kvm("KVM_SET_CPUID2"))?;
-        state.restore(&v).map_err(Error::kvm("restoring the vCPU in a clone"))?;
-        crate::devices::Hypercall::answer(&ram, block, i64::from(id))
+        let loaded =
+            vm::Builder::new(kvm, id)?.memory(ram)?.vcpus(std::slice::from_ref(&self.cpuid))?.restore(state)?;
+        Hypercall::answer(loaded.ram(), block, i64::from(id))
             .map_err(|e| Error::Crash(format!("cannot answer CLONE in clone {id}: {e}")))?;
-        let shared = Arc::new(Shared::new(
-            ram,
-            1,
-            parent.tsc_khz,
-            Box::new(Prefixed { prefix: format!("[clone {id}] "), at_start: true }),
-            parent.tests.clone(),
-            id,
-            None,
-            None,
-            None,
-        )?);
+        let devices = Devices {
+            console: Box::new(Prefixed { prefix: format!("[clone {id}] "), at_start: true }),
+            tests: parent.tests.clone(),
+            tsc_khz: parent.tsc_khz,
+            cloner: None,
+            profiling: false,
+        };
+        let ready = loaded.devices(devices)?;
         // Wake the reaper when this clone finishes. A weak reference: the
         // context must not be kept alive by its own clones.
         let ctx = Arc::downgrade(self);
-        shared.set_on_finish(Box::new(move || {
+        ready.control().set_on_finish(Box::new(move || {
             if let Some(c) = ctx.upgrade() {
                 let _st = c.state();
                 c.cv.notify_all();
             }
         }));
-        let threads = vm::start_threads(&shared, vec![v], self.uffd_poll)?;
+        let vm = ready.start(self.uffd_poll)?;
         let clone_time = t0.elapsed();
         drop(protect);
         let parent_pause = t0.elapsed();
@@ -238,8 +226,8 @@ impl CloneCtx {
         if st.closing {
             // The run ended while this clone was made: it does not run on.
             drop(st);
-            shared.finish(Outcome::Crash("the run ended as it was made".into()));
-            self.reclaim(Live { shared, threads, vm_fd });
+            vm.control().finish(Outcome::Crash("the run ended as it was made".into()));
+            self.reclaim(vm);
             return Ok(());
         }
         st.made += 1;
@@ -253,7 +241,7 @@ impl CloneCtx {
                 faults: Value::Null,
             });
         }
-        st.live.push(Live { shared, threads, vm_fd });
+        st.live.push(vm);
         st.peak_alive = st.peak_alive.max(st.live.len() + st.reclaiming);
         // It may have finished already.
         self.cv.notify_all();
@@ -281,7 +269,7 @@ impl CloneCtx {
             let l = {
                 let mut st = self.state();
                 loop {
-                    if let Some(i) = st.live.iter().position(|l| l.shared.finished()) {
+                    if let Some(i) = st.live.iter().position(|l| l.control().finished()) {
                         st.reclaiming += 1;
                         break st.live.swap_remove(i);
                     }
@@ -299,40 +287,33 @@ impl CloneCtx {
     }
 
     /// Free one finished clone: threads, VM, view and pager map.
-    fn reclaim(&self, l: Live) {
-        let Live { shared, threads, vm_fd } = l;
-        let ended = threads.stop(&shared);
-        let outcome = shared.outcome();
-        let faults = vm::fault_stats(&shared);
-        let pool = shared.ram.pool_resident_bytes();
-        let id = shared.vm_id;
-        if ended {
-            drop(vm_fd);
-        } else {
-            // A vCPU thread stuck in the host kernel keeps its VM until exit.
-            std::mem::forget(vm_fd);
-        }
-        // The last reference: the view is unmapped and the map dropped here.
-        drop(shared);
+    fn reclaim(&self, vm: RunningVm) {
+        let stopped = vm.stop();
+        let (outcome, id) = (stopped.outcome.clone(), stopped.vm_id);
+        let faults = stopped.fault_stats();
+        let pool = stopped.ram.pool_resident_bytes();
+        // The last reference: the VM is closed (unless a vCPU thread is
+        // stuck in the host), the view unmapped and the map dropped here.
+        drop(stopped);
         let mut st = self.state();
         st.pool_peak = st.pool_peak.max(pool);
         match &outcome {
-            Some(Outcome::Exit(s)) if *s != 0 && st.failed.is_none() => st.failed = Some(*s),
-            Some(o) if st.crashed.is_none() => st.crashed = o.crash_message().map(|m| (id, m)),
+            Outcome::Exit(s) if *s != 0 && st.failed.is_none() => st.failed = Some(*s),
+            o if st.crashed.is_none() => st.crashed = o.crash_message().map(|m| (id, m)),
             _ => {}
         }
         if let Some(r) = st.records.iter_mut().find(|r| r.id == id) {
-            r.outcome = outcome;
+            r.outcome = Some(outcome);
             r.faults = faults;
         }
     }
 
     /// Stop the clones that still run with `why` (each gets it as its outcome).
     fn stop_all(&self, why: &Outcome) {
-        let live: Vec<Arc<Shared>> = self.state().live.iter().map(|l| l.shared.clone()).collect();
-        for c in live {
+        let live: Vec<_> = self.state().live.iter().map(|l| (l.control().clone(), l.vm_id())).collect();
+        for (c, id) in live {
             c.finish(match why.crash_message() {
-                Some(m) => Outcome::Crash(format!("clone {} stopped: {m}", c.vm_id)),
+                Some(m) => Outcome::Crash(format!("clone {id} stopped: {m}")),
                 None => why.clone(),
             });
         }

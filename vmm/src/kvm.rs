@@ -103,7 +103,7 @@ pub struct VcpuState {
     pub xcrs: Option<kvm_bindings::kvm_xcrs>,
     /// Runnable, halted, waiting for SIPI, ... (not restored in a clone:
     /// its one vCPU is running; read by the state capture's callers).
-    #[allow(dead_code)]
+    #[cfg_attr(not(test), allow(dead_code))]
     pub mp_state: Option<kvm_bindings::kvm_mp_state>,
 }
 

@@ -72,45 +72,8 @@ pub struct GuestRam {
 
 impl GuestRam {
     pub fn new(cfg: &MemConfig) -> Result<GuestRam, Error> {
-        let pages = cfg.size / 4096;
-        // Without --phys-mem there is no memory pressure to model: the budget
-        // leaves room for COW copies of clones, and nothing is throttled.
-        let budget = match cfg.phys_mem {
-            Some(b) => b / 4096,
-            None => pages * 4,
-        };
-        let pcfg = pager::Config {
-            ratelimit: cfg.phys_mem.is_some(),
-            // Pageout keeps 2x this free: 1/16 of the budget keeps the load
-            // under the rate limiter's threshold while pageout keeps up.
-            free_target: (budget / 32).max(16),
-            // Allocation already waits for pageout; the seed's throttle (up to
-            // 100 ms per sleep) is kept only as a brake for a VM that outruns
-            // the daemon, so that thrashing guests still make progress.
-            ratelimit_load: 980,
-            ratelimit_max_sleep: std::time::Duration::from_millis(1),
-            // Room for RAM, its shadows after clones, and general frames.
-            store_bytes: (cfg.size * 8).max(1 << 30),
-            max_resident: budget,
-            swap_path: cfg.swap.clone(),
-            swap_bytes: if cfg.phys_mem.is_some() {
-                cfg.swap_size.unwrap_or(default_swap_size(cfg.size, cfg.clones))
-            } else {
-                0
-            },
-            swap_hook: cfg.swap_fault.map(|f| {
-                use SwapFault as F;
-                let hook = pager::FailHook::new();
-                match f {
-                    F::ReadEio => hook.set_read(pager::FailMode::Eio),
-                    F::ShortRead => hook.set_read(pager::FailMode::ShortRead),
-                    F::WriteEio => hook.set_write(pager::FailMode::Eio),
-                    F::Nospace => hook.set_write(pager::FailMode::NoSpace),
-                }
-                hook
-            }),
-            ..pager::Config::default()
-        };
+        let pcfg = pager_config(cfg);
+        let budget = pcfg.max_resident;
         // Checked and locked before the pager truncates it.
         let swap_lock = match (&cfg.swap, cfg.phys_mem) {
             (Some(p), Some(_)) => Some(crate::inputs::lock_swap(p, cfg.swap_reuse)?),
@@ -123,7 +86,7 @@ impl GuestRam {
                 "userfaultfd is not usable here ({e}); use --fault-delivery exit or run as root / set vm.unprivileged_userfaultfd=1"
             )),
         })?;
-        let ram = vm.anonymous(pages);
+        let ram = vm.anonymous(cfg.size / 4096);
         let files = open_files(&vm, cfg)?;
         let spans: Vec<(u64, u64)> = files.iter().map(|(f, len, _)| (f.gpa, *len)).collect();
         let vpt = crate::vpagetable::layout(&cfg.vpt, cfg.default_vpt, cfg.size, &spans)?;
@@ -133,33 +96,7 @@ impl GuestRam {
             .map_err(|e| Error::Crash(format!("cannot reserve the guest-physical view: {e}")))?;
         let view = Arc::new(view);
         let map = Map::new(&vm, view.clone());
-        let crash = |what: &str, e: &dyn std::fmt::Display| Error::Crash(format!("cannot map {what}: {e}"));
-        view.add_region(0, cfg.size, ram.preferred_frames().map(|(b, _)| b)).map_err(|e| crash("guest RAM", &e))?;
-        map.map_object(0, cfg.size, ram.clone(), 0, Prot::ALL, Prot::ALL, pager::Inherit::Copy, false)
-            .map_err(|e| crash("guest RAM", &e))?;
-        let mut regions = Vec::new();
-        for (f, len, obj) in files {
-            let what = f.path.display().to_string();
-            // Private mappings show the anonymous shadow's pages once written,
-            // so only the file object's frames are laid out in place.
-            view.add_region(f.gpa, len, obj.preferred_frames().map(|(b, _)| b)).map_err(|e| crash(&what, &e))?;
-            let mode = match f.mode {
-                FileMode::ReadOnly => pager::FileMode::ReadOnly,
-                FileMode::Shared => pager::FileMode::Shared,
-                FileMode::Private => pager::FileMode::Private,
-            };
-            map.map_file(f.gpa, len, &obj, 0, mode).map_err(|e| crash(&what, &e))?;
-            regions.push(Region { gpa: f.gpa, len, mode: f.mode, object: obj });
-        }
-        // A window shows RAM frames wherever the guest's vptes point, so it
-        // has no frames laid out in place: every page is mapped on a fault.
-        // Its vpte frame i is guest RAM page i as this VM (or clone) sees it.
-        for w in &vpt {
-            let what = format!("the VPAGETABLE window at {:#x}", w.gpa);
-            view.add_region(w.gpa, w.len, None).map_err(|e| crash(&what, &e))?;
-            map.map_vpagetable(w.gpa, w.len, 0, pages, w.levels).map_err(|e| crash(&what, &e))?;
-        }
-        let vpt = vpt.into_iter().map(crate::vpagetable::Window::new).collect();
+        let regions = map_regions(&view, &map, cfg.size, &ram, files, &vpt)?;
         let pageout = if cfg.phys_mem.is_some() {
             Some(pager::PageoutDaemon::start(&vm).map_err(Error::io("cannot start the pageout daemon"))?)
         } else {
@@ -173,7 +110,7 @@ impl GuestRam {
             uffd,
             size: cfg.size,
             files: regions,
-            vpt,
+            vpt: vpt.into_iter().map(crate::vpagetable::Window::new).collect(),
             delivery: DeliveryStats::default(),
             ram_object: ram,
             _pageout: pageout,
@@ -336,6 +273,86 @@ impl GuestRam {
         }
         Ok(())
     }
+}
+
+/// The pager's configuration for `cfg`.
+fn pager_config(cfg: &MemConfig) -> pager::Config {
+    // Without --phys-mem there is no memory pressure to model: the budget
+    // leaves room for COW copies of clones, and nothing is throttled.
+    let budget = match cfg.phys_mem {
+        Some(b) => b / 4096,
+        None => cfg.size / 4096 * 4,
+    };
+    pager::Config {
+        ratelimit: cfg.phys_mem.is_some(),
+        // Pageout keeps 2x this free: 1/16 of the budget keeps the load
+        // under the rate limiter's threshold while pageout keeps up.
+        free_target: (budget / 32).max(16),
+        // Allocation already waits for pageout; the seed's throttle (up to
+        // 100 ms per sleep) is kept only as a brake for a VM that outruns
+        // the daemon, so that thrashing guests still make progress.
+        ratelimit_load: 980,
+        ratelimit_max_sleep: std::time::Duration::from_millis(1),
+        // Room for RAM, its shadows after clones, and general frames.
+        store_bytes: (cfg.size * 8).max(1 << 30),
+        max_resident: budget,
+        swap_path: cfg.swap.clone(),
+        swap_bytes: if cfg.phys_mem.is_some() {
+            cfg.swap_size.unwrap_or(default_swap_size(cfg.size, cfg.clones))
+        } else {
+            0
+        },
+        swap_hook: cfg.swap_fault.map(|f| {
+            let hook = pager::FailHook::new();
+            match f {
+                SwapFault::ReadEio => hook.set_read(pager::FailMode::Eio),
+                SwapFault::ShortRead => hook.set_read(pager::FailMode::ShortRead),
+                SwapFault::WriteEio => hook.set_write(pager::FailMode::Eio),
+                SwapFault::Nospace => hook.set_write(pager::FailMode::NoSpace),
+            }
+            hook
+        }),
+        ..pager::Config::default()
+    }
+}
+
+/// Show RAM (`size` bytes of `ram`), the files and the windows in `view`
+/// and map them in `map`; the file regions as the guest and stats see them.
+fn map_regions(
+    view: &View,
+    map: &Map,
+    size: u64,
+    ram: &pager::ObjHandle,
+    files: Vec<(FileMap, u64, pager::ObjHandle)>,
+    vpt: &[VptSpec],
+) -> Result<Vec<Region>, Error> {
+    let crash = |what: &str, e: &dyn std::fmt::Display| Error::Crash(format!("cannot map {what}: {e}"));
+    view.add_region(0, size, ram.preferred_frames().map(|(b, _)| b)).map_err(|e| crash("guest RAM", &e))?;
+    map.map_object(0, size, ram.clone(), 0, Prot::ALL, Prot::ALL, pager::Inherit::Copy, false)
+        .map_err(|e| crash("guest RAM", &e))?;
+    let mut regions = Vec::new();
+    for (f, len, obj) in files {
+        let what = f.path.display().to_string();
+        // Private mappings show the anonymous shadow's pages once written,
+        // so only the file object's frames are laid out in place.
+        view.add_region(f.gpa, len, obj.preferred_frames().map(|(b, _)| b)).map_err(|e| crash(&what, &e))?;
+        let mode = match f.mode {
+            FileMode::ReadOnly => pager::FileMode::ReadOnly,
+            FileMode::Shared => pager::FileMode::Shared,
+            FileMode::Private => pager::FileMode::Private,
+        };
+        map.map_file(f.gpa, len, &obj, 0, mode).map_err(|e| crash(&what, &e))?;
+        regions.push(Region { gpa: f.gpa, len, mode: f.mode, object: obj });
+    }
+    // A window shows RAM frames wherever the guest's vptes point, so it
+    // has no frames laid out in place: every page is mapped on a fault.
+    // Its vpte frame i is guest RAM page i as this VM (or clone) sees it.
+    for w in vpt {
+        let what = format!("the VPAGETABLE window at {:#x}", w.gpa);
+        view.add_region(w.gpa, w.len, None).map_err(|e| crash(&what, &e))?;
+        map.map_vpagetable(w.gpa, w.len, 0, size / 4096, w.levels).map_err(|e| crash(&what, &e))?;
+    }
+    Ok(regions)
 }
 
 /// A small guest memory for unit tests (no KVM needed): `size` bytes of
