@@ -254,8 +254,7 @@ pub fn profile(args: &mut RunArgs, out: &std::path::Path, started: Instant) -> R
 mod test {
     use super::*;
     use crate::control::RunState;
-    use std::io::Write;
-    use std::sync::Mutex;
+    use crate::devices::serial::Captured;
 
     /// Skip without /dev/kvm, unless VKVM_REQUIRE_KVM=1 (CI): then fail.
     fn kvm_usable() -> bool {
@@ -265,26 +264,6 @@ mod test {
             eprintln!("skipping: /dev/kvm is not usable here");
         }
         ok
-    }
-
-    /// The guest's console, kept for the test to read.
-    #[derive(Clone, Default)]
-    struct Console(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Console {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Console {
-        fn text(&self) -> String {
-            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-        }
     }
 
     fn run_args(args: &[&str]) -> RunArgs {
@@ -304,7 +283,7 @@ mod test {
         // Long enough that the pause lands inside the test (seconds here).
         let args = run_args(&["--vcpus", "2", "--memory", "128M", "--cmdline", "tests=smp-storm storm-rounds=3000"]);
         let deadline = Deadline::new(Instant::now(), Some(300.0));
-        let console = Console::default();
+        let console = Captured::default();
         let (vm, clones) = start(&args, &deadline, Box::new(console.clone()), false).unwrap();
         // The AP says hello when the first test starts.
         let t0 = Instant::now();

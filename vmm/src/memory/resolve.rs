@@ -172,3 +172,29 @@ impl GuestRam {
         }
     }
 }
+
+#[cfg(test)]
+mod test {
+    use super::*;
+    use crate::config::VptSpec;
+
+    #[test]
+    fn refusals_are_the_guest_s_and_windows_are_found_in_one_place() {
+        let w = VptSpec { gpa: 0xC000_0000, len: 2 << 20, levels: 2 };
+        let ram = crate::memory::test_ram(4 << 20, &[w]);
+        assert_eq!(ram.resolve(0x1000, Access::Write), Ok(()));
+        // No master vpte yet: the guest's invalid vpte, not the host's failure.
+        assert_eq!(ram.resolve(w.gpa, Access::Read), Err(Unresolved::Refused(FaultError::InvalidVpte)));
+        assert!(
+            matches!(ram.classify(0, FaultError::Failure), Unresolved::Fatal(f) if f.to_string().contains("0x0 could not be brought in"))
+        );
+        let oom = ram.classify(0x5000, FaultError::NoMemory).to_string();
+        assert!(oom.contains("out of memory") && oom.contains("--phys-mem"), "{oom}");
+        assert_eq!(ram.window_at(w.gpa + w.len - 1).map(|(i, _)| i), Some(0));
+        assert!(ram.window_at(w.gpa + w.len).is_none() && ram.window_at(0x1000).is_none());
+        let f = |gpa, error| GuestFault { gpa, write: true, tid: 0, error };
+        assert_eq!(ram.pf_error_bits(&f(w.gpa, FaultError::Protection)), crate::vpagetable::PF_RSVD);
+        assert_eq!(ram.pf_error_bits(&f(w.gpa, FaultError::InvalidVpte)), 0);
+        assert_eq!(ram.pf_error_bits(&f(0x1000, FaultError::Protection)), 0);
+    }
+}
