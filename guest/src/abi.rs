@@ -73,6 +73,8 @@ pub struct HcBlock {
 }
 
 pub const HC_BLOCK_SIZE: usize = 64;
+/// Where `ret` sits in an [`HcBlock`]: the VMM writes the result there.
+pub const HC_RET_OFFSET: u64 = 56;
 
 /// Test status in [`TestReport::status`].
 pub const TEST_PASS: u32 = 0;
@@ -99,6 +101,7 @@ pub struct TestReport {
 pub const TEST_REPORT_SIZE: usize = 24 + 16 + 16 * MAX_COUNTERS + 8 * MAX_COUNTERS + DETAIL_LEN;
 
 const _: () = assert!(core::mem::size_of::<HcBlock>() == HC_BLOCK_SIZE);
+const _: () = assert!(core::mem::offset_of!(HcBlock, ret) == HC_RET_OFFSET as usize);
 const _: () = assert!(core::mem::size_of::<TestReport>() == TEST_REPORT_SIZE);
 
 /// The bundled guest's exit statuses. vkvm exits with 0 and 1 as they are;

@@ -1,5 +1,9 @@
 //! Command line.
 
+use crate::config::{
+    mib, parse_duration, parse_map_file, parse_size, parse_slice, parse_timeout, parse_vpt_region, FaultDelivery,
+    FileMap, SwapFault, VptSpec, MAX_MEMORY, MIN_PHYS_MEM, MIN_SWAP,
+};
 use crate::error::Error;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -123,21 +127,6 @@ pub enum Command {
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum SwapFault {
-    ReadEio,
-    ShortRead,
-    WriteEio,
-    Nospace,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum FaultDelivery {
-    Auto,
-    Uffd,
-    Exit,
-}
-
 #[derive(Args, Clone, Debug)]
 pub struct RunArgs {
     /// A kernel to boot instead of the bundled guest: a PVH ELF or a Multiboot v1 kernel.
@@ -180,15 +169,15 @@ pub struct RunArgs {
     pub phys_mem: Option<u64>,
     /// Map a host file into guest-physical space above RAM:
     /// PATH@GPA[,size=LEN][,ro|shared|private] (default ro). Repeatable.
-    #[arg(long = "map-file", value_name = "PATH@GPA[,OPTS]", value_parser = crate::memory::parse_map_file)]
-    pub map_files: Vec<crate::memory::FileMap>,
+    #[arg(long = "map-file", value_name = "PATH@GPA[,OPTS]", value_parser = parse_map_file)]
+    pub map_files: Vec<FileMap>,
     /// A VPAGETABLE window over guest RAM: GPA,SIZE[,levels=N] (levels 1-4,
     /// default 4). Repeatable; region index = order given. Without it vkvm
     /// gives the bundled guest three windows: 64 MiB with 4 levels at
     /// 0xC0000000, 16 MiB with 2 levels at 0xC4000000 and 16 MiB with 3
     /// levels at 0xC5000000.
-    #[arg(long = "vpt-region", value_name = "GPA,SIZE[,levels=N]", value_parser = crate::vpagetable::parse_vpt_region)]
-    pub vpt_regions: Vec<crate::vpagetable::VptSpec>,
+    #[arg(long = "vpt-region", value_name = "GPA,SIZE[,levels=N]", value_parser = parse_vpt_region)]
+    pub vpt_regions: Vec<VptSpec>,
     /// Swap file (created if missing, locked for the run; default: an
     /// unlinked temporary file). An existing non-empty file is refused
     /// unless --swap-reuse is given.
@@ -222,82 +211,6 @@ pub struct RunArgs {
     pub kvm_device: PathBuf,
 }
 
-/// Smallest resident budget: the guest image, its stacks and page tables.
-pub const MIN_PHYS_MEM: u64 = 4 << 20;
-/// Smallest `--swap-size`: below it pageout has nowhere to go.
-pub const MIN_SWAP: u64 = 1 << 20;
-/// Longest `--timeout` (30 days): beyond it a timer is no limit at all, and
-/// absurd values (1e300) cannot make a Duration.
-pub const MAX_TIMEOUT: f64 = 30.0 * 24.0 * 3600.0;
-
-/// Parse `--timeout`: positive, finite, at most [`MAX_TIMEOUT`] seconds.
-pub fn parse_timeout(s: &str) -> Result<f64, String> {
-    let t: f64 = s.trim().parse().map_err(|_| format!("'{s}' is not a number of seconds"))?;
-    if !(t > 0.0 && t <= MAX_TIMEOUT) {
-        return Err(format!("'{s}': give more than 0 and at most {MAX_TIMEOUT} seconds (30 days)"));
-    }
-    Ok(t)
-}
-
-/// Parse a guest-physical address: `0x...`, decimal, or a size (`3G`).
-pub fn parse_addr(s: &str) -> Result<u64, String> {
-    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(hex, 16).map_err(|_| format!("'{s}' is not a hex address")),
-        None => parse_size(s),
-    }
-}
-
-/// Parse `K/N` (0 <= K < N).
-pub fn parse_slice(s: &str) -> Result<(usize, usize), String> {
-    let bad = || format!("'{s}': expected K/N with 0 <= K < N, e.g. 0/8");
-    let (k, n) = s.split_once('/').ok_or_else(bad)?;
-    let (k, n): (usize, usize) = (k.parse().map_err(|_| bad())?, n.parse().map_err(|_| bad())?);
-    if k >= n {
-        return Err(bad());
-    }
-    Ok((k, n))
-}
-
-/// Parse a duration: `90`, `90s`, `10m`, `2h` (at most a week).
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a duration (examples: 90s, 10m, 1h)"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n.saturating_mul(60),
-        "h" => n.saturating_mul(3600),
-        _ => return Err(format!("'{s}': unknown unit '{unit}' (use s, m or h)")),
-    };
-    if secs == 0 || secs > 7 * 24 * 3600 {
-        return Err(format!("'{s}': a duration from 1 s to a week"));
-    }
-    Ok(std::time::Duration::from_secs(secs))
-}
-
-/// Parse `64M`, `1G`, `4096K` or a plain byte count.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, suffix) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (examples: 64M, 1G, 1048576)"))?;
-    let mult = match suffix.to_ascii_uppercase().as_str() {
-        "" | "B" => 1u64,
-        "K" | "KB" | "KIB" => 1 << 10,
-        "M" | "MB" | "MIB" => 1 << 20,
-        "G" | "GB" | "GIB" => 1 << 30,
-        _ => return Err(format!("'{s}': unknown size suffix '{suffix}' (use K, M or G)")),
-    };
-    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
-}
-
-/// `n` bytes in MiB, exactly (up to 8 decimals, no trailing zeros).
-fn mib(n: u64) -> String {
-    let s = format!("{:.8}", n as f64 / (1u64 << 20) as f64);
-    s.trim_end_matches('0').trim_end_matches('.').to_string()
-}
-
 impl RunArgs {
     /// Check what can be checked without the guest: everything but the
     /// image and the files. `max_vcpus` is KVM's limit when known.
@@ -305,12 +218,12 @@ impl RunArgs {
         if !self.memory.is_multiple_of(4096) {
             return Err(Error::Config(format!("--memory {} is not a multiple of 4 KiB", self.memory)));
         }
-        if self.memory > crate::vm::MAX_MEMORY {
+        if self.memory > MAX_MEMORY {
             return Err(Error::Config(format!(
                 "--memory {} bytes ({} MiB) is above the limit of {} MiB (RAM sits below the 32-bit MMIO hole)",
                 self.memory,
                 mib(self.memory),
-                crate::vm::MAX_MEMORY >> 20
+                MAX_MEMORY >> 20
             )));
         }
         if self.vcpus == 0 || max_vcpus.is_some_and(|m| self.vcpus > m) {
@@ -354,40 +267,5 @@ impl RunArgs {
             return Err(Error::Config("--boot-info-corrupt only applies to --boot firmware".into()));
         }
         crate::boot::check_cmdline(&self.cmdline)
-    }
-}
-
-#[cfg(test)]
-mod test {
-    use super::*;
-
-    #[test]
-    fn timeouts_are_positive_finite_and_capped() {
-        assert_eq!(parse_timeout("1.5"), Ok(1.5));
-        for bad in ["0", "-1", "nan", "inf", "1e300", "2592001", "soon"] {
-            assert!(parse_timeout(bad).is_err(), "{bad}");
-        }
-        assert_eq!(mib(3 << 30), "3072");
-        assert_eq!(mib((3 << 30) + 4096), "3072.00390625");
-    }
-
-    #[test]
-    fn slices_and_durations_parse() {
-        use super::{parse_duration, parse_slice};
-        assert_eq!(parse_slice("0/8"), Ok((0, 8)));
-        assert!(parse_slice("8/8").is_err() && parse_slice("1").is_err() && parse_slice("a/2").is_err());
-        assert_eq!(parse_duration("10m").map(|d| d.as_secs()), Ok(600));
-        assert_eq!(parse_duration("90").map(|d| d.as_secs()), Ok(90));
-        assert!(parse_duration("0s").is_err() && parse_duration("5d").is_err() && parse_duration("9999h").is_err());
-    }
-
-    #[test]
-    fn sizes_parse_with_suffixes() {
-        assert_eq!(parse_size("64M"), Ok(64 << 20));
-        assert_eq!(parse_size("1g"), Ok(1 << 30));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("12Q").is_err());
-        assert!(parse_size("M").is_err());
-        assert!(parse_size("99999999999999G").is_err());
     }
 }

@@ -16,15 +16,19 @@
 
 use crate::abi;
 use crate::cli::RunArgs;
+use crate::devices::Hypercall;
 use crate::error::Error;
-use crate::vm::{self, Deadline, Outcome, Shared, VmThreads};
+use crate::kvm::{self, VcpuState};
+use crate::outcome::Outcome;
+use crate::vcpu::{CloneError, Cloner};
+use crate::vm::{self, Deadline, Devices, RunningVm};
 use kvm_bindings::CpuId;
-use kvm_ioctls::{VcpuFd, VmFd};
+use kvm_ioctls::VcpuFd;
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 /// Clones described one by one in `--stats-json`; the rest are counted.
@@ -32,20 +36,6 @@ pub const MAX_RECORDS: usize = 256;
 /// Reaper threads: closing a KVM VM takes 1-25 ms here (the kernel waits
 /// for RCU grace periods), so clones are reclaimed a few at a time.
 const REAPERS: usize = 4;
-
-/// Why a CLONE failed.
-pub enum CloneError {
-    /// The guest's doing (a limit, a multi-vCPU VM): -errno, the VM runs on.
-    Refused(i64, String),
-    /// The host could not make the clone: -ENOMEM, then the run ends (status 3).
-    Host(Error),
-}
-
-impl From<Error> for CloneError {
-    fn from(e: Error) -> CloneError {
-        CloneError::Host(e)
-    }
-}
 
 /// What a VM needs to clone itself, the clones alive, and what they did.
 pub struct CloneCtx {
@@ -61,12 +51,14 @@ pub struct CloneCtx {
     /// been reclaimed (for `wait_all`).
     cv: Condvar,
     reapers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// This context itself, for the reapers and the clones' callbacks.
+    me: Weak<CloneCtx>,
 }
 
 #[derive(Default)]
 struct State {
     /// Clones not yet reclaimed (running, or finished and waiting for a reaper).
-    live: Vec<Live>,
+    live: Vec<RunningVm>,
     /// Clones a reaper is reclaiming now (they still count against the cap).
     reclaiming: usize,
     records: Vec<Record>,
@@ -81,12 +73,6 @@ struct State {
     pool_peak: u64,
     /// `wait_all` is done: the reapers end once `live` is empty.
     closing: bool,
-}
-
-struct Live {
-    shared: Arc<Shared>,
-    threads: VmThreads,
-    vm_fd: VmFd,
 }
 
 /// One clone, as `--stats-json` shows it.
@@ -113,39 +99,6 @@ impl Drop for ParentProtect<'_> {
     }
 }
 
-/// The calling vCPU's state at the hypercall.
-struct VcpuState {
-    regs: kvm_bindings::kvm_regs,
-    sregs: kvm_bindings::kvm_sregs,
-    fpu: kvm_bindings::kvm_fpu,
-    lapic: Option<kvm_bindings::kvm_lapic_state>,
-    xcrs: Option<kvm_bindings::kvm_xcrs>,
-}
-
-impl VcpuState {
-    fn save(v: &VcpuFd) -> Result<VcpuState, kvm_ioctls::Error> {
-        Ok(VcpuState {
-            regs: v.get_regs()?,
-            sregs: v.get_sregs()?,
-            fpu: v.get_fpu()?,
-            lapic: v.get_lapic().ok(),
-            xcrs: v.get_xcrs().ok(),
-        })
-    }
-    fn restore(&self, v: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
-        v.set_sregs(&self.sregs)?;
-        v.set_regs(&self.regs)?;
-        v.set_fpu(&self.fpu)?;
-        if let Some(l) = &self.lapic {
-            v.set_lapic(l)?;
-        }
-        if let Some(x) = &self.xcrs {
-            v.set_xcrs(x)?;
-        }
-        Ok(())
-    }
-}
-
 /// Console of clone `k`: every line prefixed so outputs can be told apart.
 struct Prefixed {
     prefix: String,
@@ -169,9 +122,17 @@ impl Write for Prefixed {
     }
 }
 
+impl Cloner for CloneCtx {
+    fn clone_vm(&self, parent: &Hypercall, vcpu: &VcpuFd, block: u64) -> Result<(), CloneError> {
+        // The context lives as long as the VM that can call CLONE.
+        let me = self.me.upgrade().ok_or_else(|| CloneError::Refused(abi::EAGAIN, "the run is ending".into()))?;
+        me.spawn(parent, vcpu, block)
+    }
+}
+
 impl CloneCtx {
-    pub fn new(args: &RunArgs, cpuid: &CpuId) -> CloneCtx {
-        CloneCtx {
+    pub fn new(args: &RunArgs, cpuid: &CpuId) -> Arc<CloneCtx> {
+        Arc::new_cyclic(|me| CloneCtx {
             kvm_device: args.kvm_device.clone(),
             cpuid: cpuid.clone(),
             per_call: args.clones.max(1),
@@ -181,7 +142,8 @@ impl CloneCtx {
             st: Mutex::new(State::default()),
             cv: Condvar::new(),
             reapers: Mutex::new(Vec::new()),
-        }
+            me: me.clone(),
+        })
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -190,7 +152,7 @@ impl CloneCtx {
 
     /// CLONE from `parent`'s vCPU `vcpu` (the only one): make `per_call`
     /// clones. `block` is the hypercall block, where each clone finds its number.
-    pub fn spawn(self: &Arc<Self>, parent: &Arc<Shared>, vcpu: &VcpuFd, block: u64) -> Result<(), CloneError> {
+    fn spawn(self: &Arc<Self>, parent: &Hypercall, vcpu: &VcpuFd, block: u64) -> Result<(), CloneError> {
         if parent.nr_vcpus != 1 {
             return Err(CloneError::Refused(abi::EINVAL, "CLONE needs a single-vCPU VM".into()));
         }
@@ -207,7 +169,7 @@ impl CloneCtx {
         }
         self.start_reapers()?;
         let state = VcpuState::save(vcpu).map_err(Error::kvm("saving the vCPU for a clone"))?;
-        let kvm = vm::open_kvm(&self.kvm_device)?;
+        let kvm = kvm::open(&self.kvm_device)?;
         for _ in 0..self.per_call {
             self.spawn_one(parent, &kvm, &state, block)?;
         }
@@ -216,7 +178,7 @@ impl CloneCtx {
 
     fn spawn_one(
         self: &Arc<Self>,
-        parent: &Arc<Shared>,
+        parent: &Hypercall,
         kvm: &kvm_ioctls::Kvm,
         state: &VcpuState,
         block: u64,
@@ -228,35 +190,28 @@ impl CloneCtx {
         // From here the parent's write-protection is deferred: it must run
         // on every way out, a failure included.
         let protect = ParentProtect(&parent.ram.view);
-        let vm_fd = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM for a clone"))?;
-        vm::register_memory(&vm_fd, &ram)?;
-        vm::create_irqchip(&vm_fd)?;
-        let v = vm_fd.create_vcpu(0).map_err(Error::kvm("KVM_CREATE_VCPU for a clone"))?;
-        v.set_cpuid2(&self.cpuid).map_err(Error::kvm("KVM_SET_CPUID2"))?;
-        state.restore(&v).map_err(Error::kvm("restoring the vCPU in a clone"))?;
-        ram.write(block + 56, &i64::from(id).to_le_bytes())
+        let loaded =
+            vm::Builder::new(kvm, id)?.memory(ram)?.vcpus(std::slice::from_ref(&self.cpuid))?.restore(state)?;
+        Hypercall::answer(loaded.ram(), block, i64::from(id))
             .map_err(|e| Error::Crash(format!("cannot answer CLONE in clone {id}: {e}")))?;
-        let shared = Arc::new(Shared::new(
-            ram,
-            1,
-            parent.tsc_khz,
-            Box::new(Prefixed { prefix: format!("[clone {id}] "), at_start: true }),
-            parent.tests.clone(),
-            id,
-            None,
-            None,
-            None,
-        )?);
+        let devices = Devices {
+            console: Box::new(Prefixed { prefix: format!("[clone {id}] "), at_start: true }),
+            tests: parent.tests.clone(),
+            tsc_khz: parent.tsc_khz,
+            cloner: None,
+            profiling: false,
+        };
+        let ready = loaded.devices(devices)?;
         // Wake the reaper when this clone finishes. A weak reference: the
         // context must not be kept alive by its own clones.
         let ctx = Arc::downgrade(self);
-        shared.set_on_finish(Box::new(move || {
+        ready.control().set_on_finish(Box::new(move || {
             if let Some(c) = ctx.upgrade() {
                 let _st = c.state();
                 c.cv.notify_all();
             }
         }));
-        let threads = vm::start_threads(&shared, vec![v], self.uffd_poll)?;
+        let vm = ready.start(self.uffd_poll)?;
         let clone_time = t0.elapsed();
         drop(protect);
         let parent_pause = t0.elapsed();
@@ -271,8 +226,8 @@ impl CloneCtx {
         if st.closing {
             // The run ended while this clone was made: it does not run on.
             drop(st);
-            shared.finish(Outcome::Crash("the run ended as it was made".into()));
-            self.reclaim(Live { shared, threads, vm_fd });
+            vm.control().finish(Outcome::Crash("the run ended as it was made".into()));
+            self.reclaim(vm);
             return Ok(());
         }
         st.made += 1;
@@ -286,7 +241,7 @@ impl CloneCtx {
                 faults: Value::Null,
             });
         }
-        st.live.push(Live { shared, threads, vm_fd });
+        st.live.push(vm);
         st.peak_alive = st.peak_alive.max(st.live.len() + st.reclaiming);
         // It may have finished already.
         self.cv.notify_all();
@@ -314,7 +269,7 @@ impl CloneCtx {
             let l = {
                 let mut st = self.state();
                 loop {
-                    if let Some(i) = st.live.iter().position(|l| l.shared.finished()) {
+                    if let Some(i) = st.live.iter().position(|l| l.control().finished()) {
                         st.reclaiming += 1;
                         break st.live.swap_remove(i);
                     }
@@ -332,41 +287,34 @@ impl CloneCtx {
     }
 
     /// Free one finished clone: threads, VM, view and pager map.
-    fn reclaim(&self, l: Live) {
-        let Live { shared, threads, vm_fd } = l;
-        let ended = threads.stop(&shared);
-        let outcome = shared.outcome();
-        let faults = vm::fault_stats(&shared);
-        let pool = shared.ram.pool_resident_bytes();
-        let id = shared.vm_id;
-        if ended {
-            drop(vm_fd);
-        } else {
-            // A vCPU thread stuck in the host kernel keeps its VM until exit.
-            std::mem::forget(vm_fd);
-        }
-        // The last reference: the view is unmapped and the map dropped here.
-        drop(shared);
+    fn reclaim(&self, vm: RunningVm) {
+        let stopped = vm.stop();
+        let (outcome, id) = (stopped.outcome.clone(), stopped.vm_id);
+        let faults = stopped.fault_stats();
+        let pool = stopped.ram.pool_resident_bytes();
+        // The last reference: the VM is closed (unless a vCPU thread is
+        // stuck in the host), the view unmapped and the map dropped here.
+        drop(stopped);
         let mut st = self.state();
         st.pool_peak = st.pool_peak.max(pool);
         match &outcome {
-            Some(Outcome::Crash(m)) if st.crashed.is_none() => st.crashed = Some((id, m.clone())),
-            Some(Outcome::Exit(s)) if *s != 0 && st.failed.is_none() => st.failed = Some(*s),
+            Outcome::Exit(s) if *s != 0 && st.failed.is_none() => st.failed = Some(*s),
+            o if st.crashed.is_none() => st.crashed = o.crash_message().map(|m| (id, m)),
             _ => {}
         }
         if let Some(r) = st.records.iter_mut().find(|r| r.id == id) {
-            r.outcome = outcome;
+            r.outcome = Some(outcome);
             r.faults = faults;
         }
     }
 
     /// Stop the clones that still run with `why` (each gets it as its outcome).
     fn stop_all(&self, why: &Outcome) {
-        let live: Vec<Arc<Shared>> = self.state().live.iter().map(|l| l.shared.clone()).collect();
-        for c in live {
-            c.finish(match why {
-                Outcome::Crash(m) => Outcome::Crash(format!("clone {} stopped: {m}", c.vm_id)),
-                o => o.clone(),
+        let live: Vec<_> = self.state().live.iter().map(|l| (l.control().clone(), l.vm_id())).collect();
+        for (c, id) in live {
+            c.finish(match why.crash_message() {
+                Some(m) => Outcome::Crash(format!("clone {id} stopped: {m}")),
+                None => why.clone(),
             });
         }
     }
@@ -437,8 +385,8 @@ impl CloneCtx {
                         "parent_resident_bytes": c.resident_bytes,
                         "outcome": match &c.outcome {
                             Some(Outcome::Exit(s)) => json!({ "exit_status": s }),
-                            Some(Outcome::Crash(m)) => json!({ "crash": m }),
                             Some(Outcome::Interrupted(_)) => json!({ "interrupted": true }),
+                            Some(o) => json!({ "crash": o.crash_message() }),
                             None => Value::Null,
                         },
                         "faults": c.faults,

@@ -18,8 +18,17 @@ pub enum Error {
     #[error("KVM: {context}: {source}")]
     KvmIoctl { context: String, source: kvm_ioctls::Error },
     /// SIGINT or SIGTERM (before a guest ran, or in torture/bench): status 128 + N.
-    #[error("stopped by {}", crate::signals::name(*.0))]
+    #[error("stopped by {}", signal_name(*.0))]
     Interrupted(i32),
+}
+
+/// SIGINT or SIGTERM by name, for messages.
+pub fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        _ => "a signal",
+    }
 }
 
 impl Error {

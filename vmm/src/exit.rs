@@ -20,22 +20,6 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub fn of(exit: &kvm_ioctls::VcpuExit) -> Reason {
-        use kvm_ioctls::VcpuExit as E;
-        match exit {
-            E::IoIn(..) => Reason::IoIn,
-            E::IoOut(..) => Reason::IoOut,
-            E::MmioRead(..) => Reason::MmioRead,
-            E::MmioWrite(..) => Reason::MmioWrite,
-            E::Hlt => Reason::Hlt,
-            E::Shutdown => Reason::Shutdown,
-            E::FailEntry(..) => Reason::FailEntry,
-            E::InternalError => Reason::InternalError,
-            E::SystemEvent(..) => Reason::SystemEvent,
-            _ => Reason::Other,
-        }
-    }
-
     pub const ALL: [Reason; 11] = [
         Reason::IoIn,
         Reason::IoOut,

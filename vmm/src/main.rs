@@ -7,17 +7,22 @@ mod boot;
 mod child;
 mod cli;
 mod clone;
+mod config;
+mod control;
 mod devices;
+mod dispatch;
 mod error;
 mod exit;
 mod fault;
 mod guest_image;
-mod hypercall;
 mod inputs;
+mod kvm;
 mod memory;
+mod outcome;
 mod pmap;
 mod profile;
 mod ratelimit;
+mod run;
 mod signals;
 mod stats;
 mod status;
@@ -71,7 +76,7 @@ fn command(c: cli::Command, started: std::time::Instant) -> Result<Status, Error
         signals::install()?;
     }
     match c {
-        C::Run(args) => vm::run(&args, started),
+        C::Run(args) => run::run(&args, started),
         C::Torture { list: true, .. } => status::print(&torture::list()).map(|()| 0),
         C::Torture { tests, seed, json, run, matrix, slice, soak, jobs, .. } => {
             torture::dispatch(&run, &tests, seed, json.as_deref(), matrix, slice, soak, jobs as usize)
@@ -79,7 +84,7 @@ fn command(c: cli::Command, started: std::time::Instant) -> Result<Status, Error
         C::Bench { runs, clone_sizes, qemu, json, run } => {
             bench::command(&run, runs.max(1), &clone_sizes, &qemu, json.as_deref())
         }
-        C::Profile { mut run, out } => profile::command(&mut run, &out, started),
+        C::Profile { mut run, out } => run::profile(&mut run, &out, started),
         C::Guest { output, format } => guest_image::write(&output, format).map(|()| 0),
         C::Firmware { output } => std::fs::write(&output, boot::firmware::ROM)
             .map(|()| 0)

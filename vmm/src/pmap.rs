@@ -266,14 +266,16 @@ impl View {
         }
     }
 
-    /// Start collecting installs of fresh writable pages (fault-around).
-    pub fn begin_batch(&self) {
+    /// Collect installs of fresh writable pages (fault-around) until the
+    /// guard is dropped, which installs them.
+    pub fn batch(&self) -> Batch<'_> {
         *self.batch.lock() = Some(Vec::new());
+        Batch(self)
     }
 
     /// Install the collected pages: one UFFDIO_ZEROPAGE per run of
     /// contiguous holes, page by page where that fails (data was there).
-    pub fn end_batch(&self) {
+    fn end_batch(&self) {
         let Some(mut pages) = self.batch.lock().take() else { return };
         pages.sort_unstable();
         pages.dedup();
@@ -387,6 +389,15 @@ impl View {
         let s = start.min(self.size) / PS;
         let e = end.min(self.size).div_ceil(PS);
         (s < e).then_some((s as usize, e as usize))
+    }
+}
+
+/// A batch of installs (see [`View::batch`]), flushed when dropped.
+pub struct Batch<'a>(&'a View);
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        self.0.end_batch();
     }
 }
 

@@ -5,6 +5,7 @@
 //! increment per exit.
 
 use crate::exit::Reason;
+use crate::fault::FaultStages;
 use hdrhistogram::Histogram;
 use serde_json::{json, Map, Value};
 use std::sync::Mutex;
@@ -42,7 +43,7 @@ impl Recorder {
 }
 
 /// Fault stages, in the order a uffd-delivered fault goes through them.
-pub const FAULT_STAGES: [&str; 7] = ["delivery", "lookup", "chain_walk", "pager_io", "copy_zero", "install", "wake"];
+const FAULT_STAGES: [&str; 7] = FaultStages::NAMES;
 
 /// Histograms of all vCPUs; each vCPU locks only its own (uncontended).
 /// Fault stages are recorded by the fault-delivery thread (one lock per event).
@@ -78,9 +79,9 @@ impl Profile {
 
     /// One fault's (or one uffd event's) time per stage; stages it did not
     /// go through (zero) are not recorded, so counts say how often each ran.
-    pub fn record_stages(&self, t: &[Duration; 7]) {
+    pub fn record_stages(&self, t: &FaultStages) {
         let mut h = self.stages.lock().unwrap_or_else(|e| e.into_inner());
-        for (i, d) in t.iter().enumerate() {
+        for (i, d) in t.all().iter().enumerate() {
             if !d.is_zero() {
                 h[i].saturating_record(ns(*d));
             }
@@ -223,58 +224,6 @@ pub fn write_svg(path: &std::path::Path, series: &[(String, &Histogram<u64>)]) -
         .draw()
         .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())
-}
-
-/// Guest tests `vkvm profile` runs when no `--cmdline` is given.
-pub const DEFAULT_WORKLOAD: &str = "tests=exit-storm,seq-touch";
-
-/// `vkvm profile`: run with profiling on, write DIR/profile.json and
-/// DIR/profile.svg, print the table; exit with the guest's status.
-pub fn command(
-    args: &mut crate::cli::RunArgs,
-    out: &std::path::Path,
-    started: std::time::Instant,
-) -> Result<u8, crate::error::Error> {
-    use crate::error::Error;
-    if args.cmdline.is_empty() {
-        args.cmdline = DEFAULT_WORKLOAD.into();
-    }
-    std::fs::create_dir_all(out)
-        .map_err(|e| Error::Config(format!("--out {}: cannot create it: {e}", out.display())))?;
-    let done = crate::vm::execute(args, true, started)?;
-    let profile = done.shared.profile.as_ref().ok_or_else(|| Error::Crash("profiling was not enabled".into()))?;
-    let json = json!({
-        "workload": args.cmdline,
-        "exit_status": done.status(),
-        "exits": profile.to_json(),
-        "fault_stages": profile.stages_json(),
-        "tests": done.shared.tests.snapshot(),
-    });
-    let path = out.join("profile.json");
-    let text = serde_json::to_string_pretty(&json).map_err(|e| Error::Crash(format!("profile JSON: {e}")))?;
-    std::fs::write(&path, text + "\n").map_err(Error::io(format!("cannot write {}", path.display())))?;
-    let merged = profile.merged();
-    let mut series = Vec::new();
-    for s in &merged {
-        series.push((format!("{} KVM_RUN", s.reason.name()), &s.kvm_run));
-        series.push((format!("{} handling", s.reason.name()), &s.handle));
-    }
-    let stages = profile.stages.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    for (i, name) in FAULT_STAGES.iter().enumerate() {
-        if !stages[i].is_empty() {
-            series.push((format!("fault {name}"), &stages[i]));
-        }
-    }
-    let svg = out.join("profile.svg");
-    write_svg(&svg, &series).map_err(|e| Error::Crash(format!("cannot draw {}: {e}", svg.display())))?;
-    crate::status::print(&format!(
-        "{}{}wrote {} and {}\n",
-        profile.table(),
-        profile.stages_table(),
-        path.display(),
-        svg.display()
-    ))?;
-    done.into_result()
 }
 
 #[cfg(test)]

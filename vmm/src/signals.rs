@@ -63,10 +63,4 @@ pub fn wake_fd() -> Option<&'static EventFd> {
     WAKE.get()
 }
 
-pub fn name(sig: i32) -> &'static str {
-    match sig {
-        libc::SIGINT => "SIGINT",
-        libc::SIGTERM => "SIGTERM",
-        _ => "a signal",
-    }
-}
+pub use crate::error::signal_name as name;

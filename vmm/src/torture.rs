@@ -203,7 +203,7 @@ impl Plan {
             // Clones made before the tests each run them over their whole
             // RAM; a test that clones itself writes little after the clone.
             let vms = 1 + u64::from(c.clones);
-            let quarter = (run.memory / 4 * vms).next_multiple_of(4096).max(crate::cli::MIN_PHYS_MEM);
+            let quarter = (run.memory / 4 * vms).next_multiple_of(4096).max(crate::config::MIN_PHYS_MEM);
             let budget = run.phys_mem.unwrap_or(quarter);
             a.extend([s("--phys-mem"), budget.to_string()]);
         }

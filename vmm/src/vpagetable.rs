@@ -9,56 +9,11 @@
 //! guest-physical page number below the RAM size.
 
 use crate::abi;
+use crate::config::{VptSpec, DEFAULT_WINDOWS, MAX_GPA};
 use crate::error::Error;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const PS: u64 = 4096;
-
-/// The windows vkvm creates for the bundled guest when no `--vpt-region` is
-/// given, so that every bundled VPAGETABLE test finds what it needs: 64 MiB
-/// with 4 levels at 3 GiB (region 0, the one most tests use), then 16 MiB
-/// with 2 and with 3 levels (for `vpt-levels`). All lie above the largest
-/// RAM (3 GiB) and below the 4 GiB the bundled guest identity-maps. A window
-/// that a `--map-file` overlaps is left out; other kernels get none (they
-/// would not know them).
-pub const DEFAULTS: [VptSpec; 3] = [
-    VptSpec { gpa: 0xC000_0000, len: 64 << 20, levels: 4 },
-    VptSpec { gpa: 0xC400_0000, len: 16 << 20, levels: 2 },
-    VptSpec { gpa: 0xC500_0000, len: 16 << 20, levels: 3 },
-];
-
-/// `--vpt-region GPA,SIZE[,levels=N]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct VptSpec {
-    pub gpa: u64,
-    pub len: u64,
-    /// Table levels below the master entry, 1..=4.
-    pub levels: u32,
-}
-
-/// Parse `GPA,SIZE[,levels=N]` (levels default 4).
-pub fn parse_vpt_region(s: &str) -> Result<VptSpec, String> {
-    let mut parts = s.split(',');
-    let (Some(gpa_s), Some(len_s)) = (parts.next(), parts.next()) else {
-        return Err(format!("'{s}': expected GPA,SIZE[,levels=N]"));
-    };
-    let gpa = crate::cli::parse_addr(gpa_s).map_err(|e| format!("'{s}': {e}"))?;
-    let len = crate::cli::parse_size(len_s).map_err(|e| format!("'{s}': {e}"))?;
-    let mut levels = 4;
-    for p in parts {
-        let Some(v) = p.strip_prefix("levels=") else {
-            return Err(format!("'{s}': unknown option '{p}' (levels=N)"));
-        };
-        levels = v.parse().map_err(|_| format!("'{s}': levels '{v}' is not a number"))?;
-    }
-    if !(1..=pager::vpte::VPTE_MAX_LEVELS).contains(&levels) {
-        return Err(format!("'{s}': levels={levels} is out of range (1 to 4)"));
-    }
-    if !gpa.is_multiple_of(PS) || !len.is_multiple_of(PS) || len == 0 {
-        return Err(format!("'{s}': the address and size must be non-zero multiples of 4 KiB"));
-    }
-    Ok(VptSpec { gpa, len, levels })
-}
 
 /// The windows to create: the `--vpt-region`s (checked against RAM, the
 /// mapped files and each other), or else the default one if `default` and
@@ -70,17 +25,14 @@ pub fn layout(explicit: &[VptSpec], default: bool, ram: u64, files: &[(u64, u64)
             return Ok(Vec::new());
         }
         let fits = |d: &VptSpec| d.gpa >= ram && !files.iter().any(|&(g, l)| overlaps(d.gpa, d.len, g, l));
-        return Ok(DEFAULTS.into_iter().filter(fits).collect());
+        return Ok(DEFAULT_WINDOWS.into_iter().filter(fits).collect());
     }
     let mut out: Vec<VptSpec> = Vec::new();
     for r in explicit {
         let what = format!("--vpt-region {:#x},{:#x}", r.gpa, r.len);
-        let end = r.gpa.checked_add(r.len).filter(|&e| e <= crate::vm::MAX_GPA);
+        let end = r.gpa.checked_add(r.len).filter(|&e| e <= MAX_GPA);
         if end.is_none() {
-            return Err(Error::Config(format!(
-                "{what}: ends beyond the guest-physical space ({:#x})",
-                crate::vm::MAX_GPA
-            )));
+            return Err(Error::Config(format!("{what}: ends beyond the guest-physical space ({:#x})", MAX_GPA)));
         }
         if r.gpa < ram {
             return Err(Error::Config(format!("{what}: overlaps guest RAM (0..{ram:#x})")));
@@ -112,11 +64,11 @@ impl Window {
 /// `setmap(region, master)` (MADV_SETMAP): store the master vpte and drop
 /// every translation of the window. Any master value is accepted: the walk
 /// treats it as untrusted like every other vpte.
-pub fn setmap(ram: &crate::memory::GuestRam, region: u64, master: u64) -> i64 {
-    let Some(w) = usize::try_from(region).ok().and_then(|i| ram.vpt.get(i)) else {
+pub fn setmap(map: &pager::Map, windows: &[Window], region: u64, master: u64) -> i64 {
+    let Some(w) = usize::try_from(region).ok().and_then(|i| windows.get(i)) else {
         return -abi::EINVAL;
     };
-    match ram.map.setmap(w.spec.gpa, master) {
+    match map.setmap(w.spec.gpa, master) {
         Ok(()) => {
             w.setmaps.fetch_add(1, Ordering::Relaxed);
             0
@@ -130,8 +82,8 @@ pub fn setmap(ram: &crate::memory::GuestRam, region: u64, master: u64) -> i64 {
 /// multiples, the length non-zero (else -EINVAL); the range must lie inside
 /// the window (else -EFAULT). When this returns no translation made from
 /// older vptes remains: the pager's `inval` waits for faults in flight.
-pub fn inval(ram: &crate::memory::GuestRam, region: u64, off: u64, len: u64) -> i64 {
-    let Some(w) = usize::try_from(region).ok().and_then(|i| ram.vpt.get(i)) else {
+pub fn inval(map: &pager::Map, windows: &[Window], region: u64, off: u64, len: u64) -> i64 {
+    let Some(w) = usize::try_from(region).ok().and_then(|i| windows.get(i)) else {
         return -abi::EINVAL;
     };
     if len == 0 || !off.is_multiple_of(PS) || !len.is_multiple_of(PS) {
@@ -140,25 +92,12 @@ pub fn inval(ram: &crate::memory::GuestRam, region: u64, off: u64, len: u64) -> 
     if off.checked_add(len).is_none_or(|e| e > w.spec.len) {
         return -abi::EFAULT;
     }
-    match ram.map.inval(w.spec.gpa + off, len) {
+    match map.inval(w.spec.gpa + off, len) {
         Ok(()) => {
             w.invals.fetch_add(1, Ordering::Relaxed);
             0
         }
         Err(_) => -abi::EINVAL,
-    }
-}
-
-/// Extra #PF error-code bits for a refused access at `gpa`: RSVD (bit 3)
-/// when a vpte of a window pointed beyond the backing object (the pager's
-/// protection failure; x86 raises RSVD for a frame beyond MAXPHYADDR), so
-/// the guest can tell it from an invalid or read-only vpte (P|W|U only).
-pub fn pf_error_bits(ram: &crate::memory::GuestRam, gpa: u64, err: pager::FaultError) -> u32 {
-    let in_window = ram.vpt.iter().any(|w| gpa >= w.spec.gpa && gpa < w.spec.gpa + w.spec.len);
-    if in_window && err == pager::FaultError::Protection {
-        PF_RSVD
-    } else {
-        0
     }
 }
 
@@ -199,24 +138,12 @@ mod test {
     use super::*;
 
     #[test]
-    fn regions_parse_and_bad_ones_are_named() {
-        assert_eq!(parse_vpt_region("0xc0000000,16M"), Ok(VptSpec { gpa: 0xc000_0000, len: 16 << 20, levels: 4 }));
-        assert_eq!(parse_vpt_region("3G,8K,levels=2").map(|r| r.levels), Ok(2));
-        assert!(parse_vpt_region("3G").unwrap_err().contains("GPA,SIZE"));
-        assert!(parse_vpt_region("3G,8K,levels=5").unwrap_err().contains("out of range"));
-        assert!(parse_vpt_region("3G,8K,levels=0").unwrap_err().contains("out of range"));
-        assert!(parse_vpt_region("0xc0000100,8K").unwrap_err().contains("multiples of 4 KiB"));
-        assert!(parse_vpt_region("3G,0").unwrap_err().contains("multiples of 4 KiB"));
-        assert!(parse_vpt_region("3G,8K,big").unwrap_err().contains("unknown option"));
-    }
-
-    #[test]
     fn layout_checks_overlaps_and_places_the_default() {
         let r = |gpa, len| VptSpec { gpa, len, levels: 4 };
-        assert_eq!(layout(&[], true, 256 << 20, &[]).unwrap(), DEFAULTS.to_vec());
+        assert_eq!(layout(&[], true, 256 << 20, &[]).unwrap(), DEFAULT_WINDOWS.to_vec());
         assert!(layout(&[], false, 256 << 20, &[]).unwrap().is_empty());
         // A file over one default window leaves only that one out.
-        assert_eq!(layout(&[], true, 256 << 20, &[(0xC100_0000, 4096)]).unwrap(), DEFAULTS[1..].to_vec());
+        assert_eq!(layout(&[], true, 256 << 20, &[(0xC100_0000, 4096)]).unwrap(), DEFAULT_WINDOWS[1..].to_vec());
         let e = layout(&[r(0x100_0000, 4096)], true, 256 << 20, &[]).unwrap_err().to_string();
         assert!(e.contains("overlaps guest RAM"), "{e}");
         let e = layout(&[r(0xD000_0000, 8192)], true, 1 << 20, &[(0xD000_1000, 4096)]).unwrap_err().to_string();

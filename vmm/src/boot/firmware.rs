@@ -96,7 +96,8 @@ pub fn map_rom(kvm: &Kvm, vm: &VmFd) -> Result<GuestMemoryMmap, Error> {
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,
         };
-        // SAFETY: the mapping lives in `Shared`, which outlives every vCPU.
+        // SAFETY: the mapping is kept by the VM (`vm::Stopped`) until its fd
+        // is closed, or forgotten with it if a vCPU thread never ended.
         unsafe { vm.set_user_memory_region(r) }.map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION (firmware ROM)"))?;
     }
     Ok(rom)

@@ -38,6 +38,40 @@ pub enum BootMode {
     Multiboot,
 }
 
+/// A kernel read and checked before KVM is opened (so bad input is a
+/// configuration error): its bytes, its name for messages, the path word
+/// Multiboot puts first on the command line, and its protocol.
+pub struct Image {
+    pub bytes: Vec<u8>,
+    pub what: String,
+    pub path_word: String,
+    pub plan: Plan,
+}
+
+impl Image {
+    /// Read `guest` (None: the bundled guest, its ELF32 for `--boot
+    /// multiboot`) and check it for `mode` against `mem_size`.
+    pub fn read(guest: Option<&Path>, mode: BootMode, mem_size: u64, modules: &[String]) -> Result<Image, Error> {
+        let (bytes, what, path_word) = match guest {
+            Some(p) => {
+                let why = "--memory: a kernel file must fit in guest RAM";
+                let image = crate::inputs::read_capped(p, "guest", mem_size, why)?;
+                (image, p.display().to_string(), p.display().to_string())
+            }
+            None if mode == BootMode::Multiboot => (
+                crate::guest_image::BUNDLED32.to_vec(),
+                "the bundled guest (ELF32)".to_string(),
+                "vkvm-guest32.elf".to_string(),
+            ),
+            None => {
+                (crate::guest_image::BUNDLED.to_vec(), "the bundled guest".to_string(), "vkvm-guest.elf".to_string())
+            }
+        };
+        let plan = prepare(&bytes, &what, mode, mem_size, modules)?;
+        Ok(Image { bytes, what, path_word, plan })
+    }
+}
+
 /// A checked image and the protocol it boots with.
 pub enum Plan {
     Pvh,

@@ -42,10 +42,10 @@ pub fn check_elf(image: &[u8], what: &str, mem_size: u64) -> Result<(), Error> {
     let end = elf_extent(image).ok_or_else(|| Error::Config(format!("{what} has malformed program headers")))?;
     // Checked: a segment ending near 2^64 must not wrap to a small need.
     let need = end.div_ceil(2 << 20).checked_mul(2 << 20).and_then(|n| n.checked_add(MIN_FREE));
-    let Some(need) = need.filter(|&n| n <= crate::vm::MAX_MEMORY) else {
+    let Some(need) = need.filter(|&n| n <= crate::config::MAX_MEMORY) else {
         return Err(Error::Config(format!(
             "{what} loads up to {end:#x}, beyond the largest guest memory ({} MiB)",
-            crate::vm::MAX_MEMORY >> 20
+            crate::config::MAX_MEMORY >> 20
         )));
     };
     if need > mem_size {

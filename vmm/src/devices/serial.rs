@@ -69,26 +69,36 @@ impl Serial {
     }
 }
 
+/// Console output kept in memory, for tests to read.
+#[cfg(test)]
+#[derive(Clone, Default)]
+pub struct Captured(pub std::sync::Arc<Mutex<Vec<u8>>>);
+
+#[cfg(test)]
+impl Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl Captured {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
 #[cfg(test)]
 mod test {
     use super::*;
-    use std::sync::Arc;
-
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl Write for Sink {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     #[test]
     fn polling_driver_sees_ready_and_bytes_come_out() {
-        let sink = Sink::default();
+        let sink = Captured::default();
         let s = Serial::new(Box::new(sink.clone()));
         assert_eq!(s.read(COM1_BASE + LSR) & 0x20, 0x20);
         for &b in b"hi\n" {

@@ -2,67 +2,17 @@
 //! the whole RAM range, shown to KVM through a `View`. No guest page is
 //! populated before the guest (or the VMM on its behalf) touches it.
 
+use crate::config::{FileMap, FileMode, SwapFault, VptSpec, MAX_GPA};
 use crate::error::Error;
 use crate::pmap::{Delivery, View};
 use crate::uffd::{self, Uffd};
 use log::info;
 use pager::{FaultError, Map, Prot, Vm};
+
+mod resolve;
+pub use resolve::{Access, DeliveryStats, GuestFault, Unresolved};
 use std::path::PathBuf;
 use std::sync::Arc;
-
-/// A host file mapped into guest-physical space (`--map-file`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FileMap {
-    pub path: PathBuf,
-    pub gpa: u64,
-    /// Bytes to map (page multiple); default the file size rounded up.
-    pub len: Option<u64>,
-    pub mode: FileMode,
-}
-
-/// `--map-file` modes (the pager's).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FileMode {
-    ReadOnly,
-    Shared,
-    Private,
-}
-
-impl FileMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            FileMode::ReadOnly => "ro",
-            FileMode::Shared => "shared",
-            FileMode::Private => "private",
-        }
-    }
-}
-
-/// Parse `PATH@GPA[,size=LEN][,ro|shared|private]`.
-pub fn parse_map_file(s: &str) -> Result<FileMap, String> {
-    let (path, rest) =
-        s.rsplit_once('@').ok_or_else(|| format!("'{s}': expected PATH@GPA[,size=LEN][,ro|shared|private]"))?;
-    let mut parts = rest.split(',');
-    let gpa_s = parts.next().unwrap_or_default();
-    let gpa = crate::cli::parse_addr(gpa_s).map_err(|e| format!("'{s}': {e}"))?;
-    let mut fm = FileMap { path: PathBuf::from(path), gpa, len: None, mode: FileMode::ReadOnly };
-    for p in parts {
-        match p {
-            "ro" => fm.mode = FileMode::ReadOnly,
-            "shared" => fm.mode = FileMode::Shared,
-            "private" => fm.mode = FileMode::Private,
-            _ if p.starts_with("size=") => fm.len = Some(crate::cli::parse_size(&p[5..])?),
-            _ => return Err(format!("'{s}': unknown option '{p}' (ro, shared, private, size=LEN)")),
-        }
-    }
-    if path.is_empty() {
-        return Err(format!("'{s}': empty file name"));
-    }
-    if gpa % 4096 != 0 || fm.len.is_some_and(|l| l == 0 || l % 4096 != 0) {
-        return Err(format!("'{s}': the address and size must be multiples of 4 KiB"));
-    }
-    Ok(fm)
-}
 
 /// A mapped file region, as the guest and the stats see it.
 #[derive(Clone)]
@@ -86,10 +36,10 @@ pub struct MemConfig {
     pub swap_reuse: bool,
     pub swap_size: Option<u64>,
     /// Test only: failures injected into swap I/O.
-    pub swap_fault: Option<crate::cli::SwapFault>,
-    /// `--vpt-region`s; none: the default windows (`vpagetable::DEFAULTS`)
+    pub swap_fault: Option<SwapFault>,
+    /// `--vpt-region`s; none: the default windows (`config::DEFAULT_WINDOWS`)
     /// if `default_vpt` (the bundled guest).
-    pub vpt: Vec<crate::vpagetable::VptSpec>,
+    pub vpt: Vec<VptSpec>,
     pub default_vpt: bool,
     /// `--clones`: VMs that will share this pager (and its swap) besides the first.
     pub clones: u32,
@@ -112,6 +62,8 @@ pub struct GuestRam {
     pub files: Vec<Region>,
     /// VPAGETABLE windows over guest RAM; region index = position.
     pub vpt: Vec<crate::vpagetable::Window>,
+    /// Guest faults delivered to this memory (this VM's, not its clones').
+    pub delivery: DeliveryStats,
     ram_object: pager::ObjHandle,
     _pageout: Option<pager::PageoutDaemon>,
     /// The `--swap` file's lock, held for the run (see `inputs::lock_swap`).
@@ -120,45 +72,8 @@ pub struct GuestRam {
 
 impl GuestRam {
     pub fn new(cfg: &MemConfig) -> Result<GuestRam, Error> {
-        let pages = cfg.size / 4096;
-        // Without --phys-mem there is no memory pressure to model: the budget
-        // leaves room for COW copies of clones, and nothing is throttled.
-        let budget = match cfg.phys_mem {
-            Some(b) => b / 4096,
-            None => pages * 4,
-        };
-        let pcfg = pager::Config {
-            ratelimit: cfg.phys_mem.is_some(),
-            // Pageout keeps 2x this free: 1/16 of the budget keeps the load
-            // under the rate limiter's threshold while pageout keeps up.
-            free_target: (budget / 32).max(16),
-            // Allocation already waits for pageout; the seed's throttle (up to
-            // 100 ms per sleep) is kept only as a brake for a VM that outruns
-            // the daemon, so that thrashing guests still make progress.
-            ratelimit_load: 980,
-            ratelimit_max_sleep: std::time::Duration::from_millis(1),
-            // Room for RAM, its shadows after clones, and general frames.
-            store_bytes: (cfg.size * 8).max(1 << 30),
-            max_resident: budget,
-            swap_path: cfg.swap.clone(),
-            swap_bytes: if cfg.phys_mem.is_some() {
-                cfg.swap_size.unwrap_or(default_swap_size(cfg.size, cfg.clones))
-            } else {
-                0
-            },
-            swap_hook: cfg.swap_fault.map(|f| {
-                use crate::cli::SwapFault as F;
-                let hook = pager::FailHook::new();
-                match f {
-                    F::ReadEio => hook.set_read(pager::FailMode::Eio),
-                    F::ShortRead => hook.set_read(pager::FailMode::ShortRead),
-                    F::WriteEio => hook.set_write(pager::FailMode::Eio),
-                    F::Nospace => hook.set_write(pager::FailMode::NoSpace),
-                }
-                hook
-            }),
-            ..pager::Config::default()
-        };
+        let pcfg = pager_config(cfg);
+        let budget = pcfg.max_resident;
         // Checked and locked before the pager truncates it.
         let swap_lock = match (&cfg.swap, cfg.phys_mem) {
             (Some(p), Some(_)) => Some(crate::inputs::lock_swap(p, cfg.swap_reuse)?),
@@ -171,7 +86,7 @@ impl GuestRam {
                 "userfaultfd is not usable here ({e}); use --fault-delivery exit or run as root / set vm.unprivileged_userfaultfd=1"
             )),
         })?;
-        let ram = vm.anonymous(pages);
+        let ram = vm.anonymous(cfg.size / 4096);
         let files = open_files(&vm, cfg)?;
         let spans: Vec<(u64, u64)> = files.iter().map(|(f, len, _)| (f.gpa, *len)).collect();
         let vpt = crate::vpagetable::layout(&cfg.vpt, cfg.default_vpt, cfg.size, &spans)?;
@@ -181,33 +96,7 @@ impl GuestRam {
             .map_err(|e| Error::Crash(format!("cannot reserve the guest-physical view: {e}")))?;
         let view = Arc::new(view);
         let map = Map::new(&vm, view.clone());
-        let crash = |what: &str, e: &dyn std::fmt::Display| Error::Crash(format!("cannot map {what}: {e}"));
-        view.add_region(0, cfg.size, ram.preferred_frames().map(|(b, _)| b)).map_err(|e| crash("guest RAM", &e))?;
-        map.map_object(0, cfg.size, ram.clone(), 0, Prot::ALL, Prot::ALL, pager::Inherit::Copy, false)
-            .map_err(|e| crash("guest RAM", &e))?;
-        let mut regions = Vec::new();
-        for (f, len, obj) in files {
-            let what = f.path.display().to_string();
-            // Private mappings show the anonymous shadow's pages once written,
-            // so only the file object's frames are laid out in place.
-            view.add_region(f.gpa, len, obj.preferred_frames().map(|(b, _)| b)).map_err(|e| crash(&what, &e))?;
-            let mode = match f.mode {
-                FileMode::ReadOnly => pager::FileMode::ReadOnly,
-                FileMode::Shared => pager::FileMode::Shared,
-                FileMode::Private => pager::FileMode::Private,
-            };
-            map.map_file(f.gpa, len, &obj, 0, mode).map_err(|e| crash(&what, &e))?;
-            regions.push(Region { gpa: f.gpa, len, mode: f.mode, object: obj });
-        }
-        // A window shows RAM frames wherever the guest's vptes point, so it
-        // has no frames laid out in place: every page is mapped on a fault.
-        // Its vpte frame i is guest RAM page i as this VM (or clone) sees it.
-        for w in &vpt {
-            let what = format!("the VPAGETABLE window at {:#x}", w.gpa);
-            view.add_region(w.gpa, w.len, None).map_err(|e| crash(&what, &e))?;
-            map.map_vpagetable(w.gpa, w.len, 0, pages, w.levels).map_err(|e| crash(&what, &e))?;
-        }
-        let vpt = vpt.into_iter().map(crate::vpagetable::Window::new).collect();
+        let regions = map_regions(&view, &map, cfg.size, &ram, files, &vpt)?;
         let pageout = if cfg.phys_mem.is_some() {
             Some(pager::PageoutDaemon::start(&vm).map_err(Error::io("cannot start the pageout daemon"))?)
         } else {
@@ -221,7 +110,8 @@ impl GuestRam {
             uffd,
             size: cfg.size,
             files: regions,
-            vpt,
+            vpt: vpt.into_iter().map(crate::vpagetable::Window::new).collect(),
+            delivery: DeliveryStats::default(),
             ram_object: ram,
             _pageout: pageout,
             _swap_lock: swap_lock,
@@ -270,6 +160,7 @@ impl GuestRam {
             size: self.size,
             files: self.files.clone(),
             vpt: self.vpt.iter().map(|w| crate::vpagetable::Window::new(w.spec)).collect(),
+            delivery: DeliveryStats::default(),
             ram_object: self.ram_object.clone(),
             _pageout: None,
             _swap_lock: None,
@@ -300,33 +191,6 @@ impl GuestRam {
     pub fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), FaultError> {
         self.check(gpa, buf.len())?;
         pager::write_guest(&self.map, gpa, buf)
-    }
-
-    /// Why a fault found no memory, for the one line that stops the VM.
-    pub fn no_memory_reason(&self) -> String {
-        let mib = |b: u64| b >> 20;
-        match self.vm.swap() {
-            Some(s) if self.vm.swap_full() => format!(
-                "out of memory: the swap is full ({} MiB, shared by this VM and any clones) and all {} MiB of \
-                 --phys-mem hold data that cannot be written out; raise --swap-size (or --phys-mem)",
-                mib(s.slots() * 4096),
-                mib(self.vm.pool().max_resident() * 4096)
-            ),
-            Some(_) => "out of memory: no frame could be freed (swap writes failing?)".into(),
-            None => "out of memory: no frame could be freed, and there is no swap: see --phys-mem".into(),
-        }
-    }
-
-    /// Is a failed fault the guest's own doing (an access the map does not
-    /// allow), to be reported to it as an exception? Otherwise the pager
-    /// failed (I/O error, no memory) and the VM must stop.
-    pub fn guest_visible(&self, _gpa: u64, err: FaultError) -> bool {
-        match err {
-            // An invalid vpte is the guest's; an I/O error (a table page
-            // included) is not.
-            FaultError::NotMapped | FaultError::Protection | FaultError::InvalidVpte => true,
-            FaultError::Failure | FaultError::NoMemory => false,
-        }
     }
 
     /// Is `[gpa, gpa + len)` inside RAM or one mapped file?
@@ -382,11 +246,11 @@ impl GuestRam {
     }
 
     /// Bring every page of `[gpa, gpa + len)` in, writable.
-    pub fn populate(&self, gpa: u64, len: u64) -> Result<(), FaultError> {
-        self.check(gpa, len as usize)?;
+    pub fn populate(&self, gpa: u64, len: u64) -> Result<(), Unresolved> {
+        self.check(gpa, len as usize).map_err(Unresolved::Refused)?;
         let mut a = gpa & !0xfff;
         while a < gpa + len {
-            pager::fault(&self.map, a, Prot::WRITE, pager::FaultFlags::NO_PREFAULT)?;
+            self.fill(a, Access::Write)?;
             a += 4096;
         }
         Ok(())
@@ -399,11 +263,116 @@ impl GuestRam {
             if (a >> 12).is_multiple_of(1024) {
                 check()?;
             }
-            pager::fault(&self.map, a, Prot::WRITE, pager::FaultFlags::NO_PREFAULT)
-                .map_err(|e| Error::Crash(format!("--prefault: guest page {a:#x}: {e}")))?;
+            self.fill(a, Access::Write).map_err(|u| {
+                let why = match u {
+                    Unresolved::Fatal(f) => f.why,
+                    Unresolved::Refused(e) => e.to_string(),
+                };
+                Error::Crash(format!("--prefault: guest page {a:#x}: {why}"))
+            })?;
         }
         Ok(())
     }
+}
+
+/// The pager's configuration for `cfg`.
+fn pager_config(cfg: &MemConfig) -> pager::Config {
+    // Without --phys-mem there is no memory pressure to model: the budget
+    // leaves room for COW copies of clones, and nothing is throttled.
+    let budget = match cfg.phys_mem {
+        Some(b) => b / 4096,
+        None => cfg.size / 4096 * 4,
+    };
+    pager::Config {
+        ratelimit: cfg.phys_mem.is_some(),
+        // Pageout keeps 2x this free: 1/16 of the budget keeps the load
+        // under the rate limiter's threshold while pageout keeps up.
+        free_target: (budget / 32).max(16),
+        // Allocation already waits for pageout; the seed's throttle (up to
+        // 100 ms per sleep) is kept only as a brake for a VM that outruns
+        // the daemon, so that thrashing guests still make progress.
+        ratelimit_load: 980,
+        ratelimit_max_sleep: std::time::Duration::from_millis(1),
+        // Room for RAM, its shadows after clones, and general frames.
+        store_bytes: (cfg.size * 8).max(1 << 30),
+        max_resident: budget,
+        swap_path: cfg.swap.clone(),
+        swap_bytes: if cfg.phys_mem.is_some() {
+            cfg.swap_size.unwrap_or(default_swap_size(cfg.size, cfg.clones))
+        } else {
+            0
+        },
+        swap_hook: cfg.swap_fault.map(|f| {
+            let hook = pager::FailHook::new();
+            match f {
+                SwapFault::ReadEio => hook.set_read(pager::FailMode::Eio),
+                SwapFault::ShortRead => hook.set_read(pager::FailMode::ShortRead),
+                SwapFault::WriteEio => hook.set_write(pager::FailMode::Eio),
+                SwapFault::Nospace => hook.set_write(pager::FailMode::NoSpace),
+            }
+            hook
+        }),
+        ..pager::Config::default()
+    }
+}
+
+/// Show RAM (`size` bytes of `ram`), the files and the windows in `view`
+/// and map them in `map`; the file regions as the guest and stats see them.
+fn map_regions(
+    view: &View,
+    map: &Map,
+    size: u64,
+    ram: &pager::ObjHandle,
+    files: Vec<(FileMap, u64, pager::ObjHandle)>,
+    vpt: &[VptSpec],
+) -> Result<Vec<Region>, Error> {
+    let crash = |what: &str, e: &dyn std::fmt::Display| Error::Crash(format!("cannot map {what}: {e}"));
+    view.add_region(0, size, ram.preferred_frames().map(|(b, _)| b)).map_err(|e| crash("guest RAM", &e))?;
+    map.map_object(0, size, ram.clone(), 0, Prot::ALL, Prot::ALL, pager::Inherit::Copy, false)
+        .map_err(|e| crash("guest RAM", &e))?;
+    let mut regions = Vec::new();
+    for (f, len, obj) in files {
+        let what = f.path.display().to_string();
+        // Private mappings show the anonymous shadow's pages once written,
+        // so only the file object's frames are laid out in place.
+        view.add_region(f.gpa, len, obj.preferred_frames().map(|(b, _)| b)).map_err(|e| crash(&what, &e))?;
+        let mode = match f.mode {
+            FileMode::ReadOnly => pager::FileMode::ReadOnly,
+            FileMode::Shared => pager::FileMode::Shared,
+            FileMode::Private => pager::FileMode::Private,
+        };
+        map.map_file(f.gpa, len, &obj, 0, mode).map_err(|e| crash(&what, &e))?;
+        regions.push(Region { gpa: f.gpa, len, mode: f.mode, object: obj });
+    }
+    // A window shows RAM frames wherever the guest's vptes point, so it
+    // has no frames laid out in place: every page is mapped on a fault.
+    // Its vpte frame i is guest RAM page i as this VM (or clone) sees it.
+    for w in vpt {
+        let what = format!("the VPAGETABLE window at {:#x}", w.gpa);
+        view.add_region(w.gpa, w.len, None).map_err(|e| crash(&what, &e))?;
+        map.map_vpagetable(w.gpa, w.len, 0, size / 4096, w.levels).map_err(|e| crash(&what, &e))?;
+    }
+    Ok(regions)
+}
+
+/// A small guest memory for unit tests (no KVM needed): `size` bytes of
+/// RAM, exit delivery, these VPAGETABLE windows.
+#[cfg(test)]
+pub fn test_ram(size: u64, vpt: &[VptSpec]) -> Arc<GuestRam> {
+    let cfg = MemConfig {
+        size,
+        files: Vec::new(),
+        delivery: Delivery::Exit,
+        phys_mem: None,
+        swap: None,
+        swap_reuse: false,
+        swap_size: None,
+        swap_fault: None,
+        vpt: vpt.to_vec(),
+        default_vpt: false,
+        clones: 0,
+    };
+    Arc::new(GuestRam::new(&cfg).expect("test guest memory"))
 }
 
 /// Open every `--map-file`, check sizes and overlaps: (file, bytes, object).
@@ -434,7 +403,7 @@ fn open_files(vm: &Arc<Vm>, cfg: &MemConfig) -> Result<Vec<(FileMap, u64, pager:
             Some(l) => l,
             None => flen.div_ceil(4096) * 4096,
         };
-        let end = f.gpa.checked_add(len).filter(|&e| e <= crate::vm::MAX_GPA).ok_or_else(|| {
+        let end = f.gpa.checked_add(len).filter(|&e| e <= MAX_GPA).ok_or_else(|| {
             Error::Config(format!("--map-file {p}: {:#x}+{len:#x} is beyond the guest-physical space", f.gpa))
         })?;
         if f.gpa < cfg.size {
