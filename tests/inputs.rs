@@ -294,8 +294,11 @@ fn sigterm_to_torture_stops_its_child_and_removes_the_scratch_directory() {
 fn running_out_of_frames_without_swap_does_not_blame_swap() {
     need_kvm!();
     // No --phys-mem, so no swap: 11 VMs each rewriting 28 MiB of a 64 MiB
-    // guest outgrow the frame budget (4x RAM).
-    let r = run(&["--memory", "64M", "--clones", "10", "--cmdline", "tests=cow-clone clone-mib=56"]);
+    // guest outgrow the frame budget (4x RAM) while they all hold their
+    // pages (clone-wait: each waits ~1 s after writing, so they overlap
+    // however the host schedules them; with the default wait 3 runs in 100
+    // finished one by one and fit).
+    let r = run(&["--memory", "64M", "--clones", "10", "--cmdline", "tests=cow-clone clone-mib=56 clone-wait=3000"]);
     assert_one_line_error(&r, 3, "there is no swap");
     // Before: "(no frame could be freed: swap full or failing?)".
     assert!(!r.stderr().contains("swap full"), "{}", r.stderr());

@@ -205,6 +205,28 @@ fn vpt_frame_beyond_object_is_protection() {
     assert_eq!(t.m.read_u64(V + 5 * PS).unwrap_err(), FaultError::Protection);
 }
 
+/// The RW|M rule holds for a page that was paged out and comes back clean:
+/// the read enters it writable (and dirty), so a write does not fault again
+/// and re-set A (seen by the soak: vpt-am under a small --phys-mem).
+#[test]
+fn vpt_rw_m_leaf_maps_a_paged_in_page_writable_on_a_read() {
+    let t = setup(2);
+    build(&t, 2, 6, vpte_make(301, VPTE_V | VPTE_RW | VPTE_M), VPTE_V | VPTE_RW);
+    evict_all(&t.vm);
+    t.m.map.inval(V, 64 * PS).unwrap();
+    assert_eq!(t.m.read_u64(V + 6 * PS).unwrap(), marker(301));
+    assert!(t.vm.stats().snapshot().pager_in > 0, "the data page came back from swap");
+    assert!(t.m.pmap.pte(V + 6 * PS).unwrap().prot.writable(), "RW|M: writable on a read");
+    // The guest clears A; the write must not fault (no A again).
+    set_ent(&t, 2, 6, ent(&t, 2, 6) & !VPTE_A);
+    t.m.write_u64(V + 6 * PS, 5).unwrap();
+    assert_eq!(ent(&t, 2, 6) & VPTE_A, 0, "the write faulted again");
+    // The write went to the page (dirty: its swap copy is stale).
+    evict_all(&t.vm);
+    t.m.map.inval(V, 64 * PS).unwrap();
+    assert_eq!(t.m.read_u64(R + 301 * PS).unwrap(), 5);
+}
+
 #[test]
 fn vpt_tables_paged_in_through_object_path() {
     let t = setup(3);

@@ -77,11 +77,16 @@ pub struct View {
     base: u64,
     size: u64,
     pool_fd: RawFd,
+    /// Frames in the pool: a mapping past its end would fault with SIGBUS
+    /// before userfaultfd ever saw the touch (KVM_RUN fails with EFAULT).
+    pool_frames: u64,
     delivery: Delivery,
     uffd: Option<Arc<Uffd>>,
     /// Writes a frame's zeros into the page cache (read-only installs of a hole).
     zero_frame: Box<dyn Fn(Frame) -> bool + Send + Sync>,
     slots: Mutex<Vec<u64>>,
+    /// Odd while a `replace` is under way (see `remapped_since`).
+    remap_gen: AtomicU64,
     /// Backed ranges (page numbers, from `add_region`): a relayout chunk
     /// never crosses into a neighbouring region's memslot or a gap.
     regions: Mutex<Vec<(usize, usize)>>,
@@ -132,15 +137,23 @@ impl View {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
+        // SAFETY: fstat of the pool's memfd into a local struct.
+        let pool_frames = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            check(libc::fstat(pool_fd, &mut st))?;
+            st.st_size as u64 / PS
+        };
         Ok(View {
             base: p as u64,
             size,
             pool_fd,
+            pool_frames,
             delivery,
             uffd,
             zero_frame,
             slots: Mutex::new(vec![NO_FRAME; (size / PS) as usize]),
             regions: Mutex::new(Vec::new()),
+            remap_gen: AtomicU64::new(0),
             deferred: Mutex::new(None),
             batch: Mutex::new(None),
             stats: ViewStats::default(),
@@ -193,7 +206,7 @@ impl View {
     /// them once and stays. Present pages lose their PTE (they refault, as
     /// after any remove); absent pages' slots only say what the VMA maps.
     /// False (nothing done) when the layout would disagree with a present
-    /// page or fall off the frame numbers.
+    /// page or fall off either end of the pool.
     fn relayout(&self, slots: &mut [u64], p: usize, frame: Frame) -> io::Result<bool> {
         let (r0, r1) = match self.regions.lock().iter().find(|&&(a, b)| p >= a && p < b) {
             Some(&r) => r,
@@ -202,6 +215,9 @@ impl View {
         let c0 = (p & !(CHUNK - 1)).max(r0);
         let c1 = ((p & !(CHUNK - 1)) + CHUNK).min(r1);
         let Some(first) = frame.checked_sub((p - c0) as u64) else { return Ok(false) };
+        if first + (c1 - c0) as u64 > self.pool_frames {
+            return Ok(false);
+        }
         let agrees = slots[c0..c1]
             .iter()
             .enumerate()
@@ -210,33 +226,16 @@ impl View {
             return Ok(false);
         }
         let host = self.base + c0 as u64 * PS;
-        let len = (c1 - c0) as u64 * PS;
-        let prot = match self.delivery {
+        let absent = match self.delivery {
             Delivery::Uffd => libc::PROT_READ | libc::PROT_WRITE,
             Delivery::Exit => libc::PROT_NONE,
         };
-        // SAFETY: replacing one chunk of our own view with frames of our memfd.
-        let r = unsafe {
-            libc::mmap(
-                host as *mut libc::c_void,
-                len as usize,
-                prot,
-                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                self.pool_fd,
-                (first * PS) as libc::off_t,
-            )
-        };
-        if r == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        self.replace(host, (c1 - c0) as u64 * PS, first, absent)?;
         for (i, s) in slots[c0..c1].iter_mut().enumerate() {
             // Pending installs stay pending: the VMA maps their frame still.
             *s = slot_of(first + i as u64) | (*s & PENDING);
         }
         self.stats.relayouts.fetch_add(1, Ordering::Relaxed);
-        if let Some(u) = &self.uffd {
-            u.register(host, len, ALL_FAULTS)?;
-        }
         Ok(true)
     }
 
@@ -319,26 +318,62 @@ impl View {
             Delivery::Uffd => libc::PROT_READ | libc::PROT_WRITE,
             Delivery::Exit => host_prot(prot),
         };
-        // SAFETY: replacing one page of our own view with a page of our memfd.
+        self.replace(host, PS, frame, hprot)?;
+        self.stats.remaps.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Map `[host, host + len)` onto frames `first..` with `prot`. A new
+    /// mapping is not registered with userfaultfd, and a guest touch of an
+    /// unregistered shared mapping is served by the host directly, from
+    /// whatever that memfd offset holds (another object's data, or a fresh
+    /// page the pager knows nothing of): so with userfaultfd the range is
+    /// first mapped inaccessible, registered, then opened. A vCPU that
+    /// touches it meanwhile gets EFAULT from KVM_RUN and re-enters once the
+    /// remap is done (`remapped_since`); `remap_gen` is odd while one runs.
+    fn replace(&self, host: u64, len: u64, first: Frame, prot: libc::c_int) -> io::Result<()> {
+        let _gap = RemapGap::open(&self.remap_gen);
+        let closed = if self.uffd.is_some() { libc::PROT_NONE } else { prot };
+        // SAFETY: replacing part of our own view with frames of our memfd.
         let p = unsafe {
             libc::mmap(
                 host as *mut libc::c_void,
-                PAGE_SIZE,
-                hprot,
+                len as usize,
+                closed,
                 libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
                 self.pool_fd,
-                (frame * PS) as libc::off_t,
+                (first * PS) as libc::off_t,
             )
         };
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        self.stats.remaps.fetch_add(1, Ordering::Relaxed);
         if let Some(u) = &self.uffd {
-            // A new mapping is not registered with userfaultfd: register it.
-            u.register(host, PS, ALL_FAULTS)?;
+            u.register(host, len, ALL_FAULTS)?;
+            // SAFETY: opening the range we just mapped and registered.
+            check(unsafe { libc::mprotect(host as *mut libc::c_void, len as usize, prot) })?;
         }
         Ok(())
+    }
+
+    /// The remap generation, read before a vCPU enters the guest.
+    pub fn remap_gen(&self) -> u64 {
+        self.remap_gen.load(Ordering::Acquire)
+    }
+
+    /// Was a remap running, or did one run, since `gen` was read? If so a
+    /// KVM_RUN that failed with EFAULT touched a range being remapped: wait
+    /// for the remap to finish; the vCPU then re-enters and retries.
+    pub fn remapped_since(&self, gen: u64) -> bool {
+        let mut now = self.remap_gen();
+        if now == gen && now.is_multiple_of(2) {
+            return false;
+        }
+        while !now.is_multiple_of(2) {
+            std::thread::yield_now();
+            now = self.remap_gen();
+        }
+        true
     }
 
     /// Install the PTE of an already-mapped frame with `prot`.
@@ -401,6 +436,46 @@ impl Drop for Batch<'_> {
     }
 }
 
+thread_local! {
+    /// The page whose `enter` on this thread last failed, and the error.
+    static MAP_FAILURE: std::cell::Cell<Option<(u64, i32)>> = const { std::cell::Cell::new(None) };
+}
+
+/// Forget this thread's last host mapping failure (before a fault).
+pub fn clear_map_failure() {
+    MAP_FAILURE.with(|f| f.set(None));
+}
+
+/// Did this thread fail to map guest page `gpa` since `clear_map_failure`?
+/// (`Pmap::enter` cannot return an error to the pager; the page stays
+/// absent and, unless the fault's caller asks, the guest would refault on
+/// it forever.)
+pub fn take_map_failure(gpa: u64) -> Option<io::Error> {
+    MAP_FAILURE.with(|f| match f.take() {
+        Some((page, errno)) if page == gpa & !(PS - 1) => Some(io::Error::from_raw_os_error(errno)),
+        other => {
+            f.set(other);
+            None
+        }
+    })
+}
+
+/// Makes `remap_gen` odd for as long as it lives (even again on any path).
+struct RemapGap<'a>(&'a AtomicU64);
+
+impl<'a> RemapGap<'a> {
+    fn open(gen: &'a AtomicU64) -> RemapGap<'a> {
+        gen.fetch_add(1, Ordering::AcqRel);
+        RemapGap(gen)
+    }
+}
+
+impl Drop for RemapGap<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
 fn host_prot(p: Prot) -> libc::c_int {
     let mut h = libc::PROT_NONE;
     if p.contains(Prot::READ) || p.contains(Prot::EXEC) {
@@ -443,6 +518,7 @@ impl Pmap for View {
                 // sees map_errors grow.
                 self.stats.map_errors.fetch_add(1, Ordering::Relaxed);
                 *slot = NO_FRAME;
+                MAP_FAILURE.with(|f| f.set(Some((addr & !(PS - 1), e.raw_os_error().unwrap_or(libc::EIO)))));
                 crate::limited!(
                     crate::ratelimit::HOST_MAP,
                     "cannot map frame {frame} at guest {addr:#x}: {e} (check vm.max_map_count)"
@@ -539,7 +615,7 @@ mod test {
         let fd = unsafe { libc::memfd_create(c"pmap-test".as_ptr(), libc::MFD_CLOEXEC) };
         assert!(fd >= 0);
         // SAFETY: sizing our own memfd.
-        assert_eq!(unsafe { libc::ftruncate(fd, 1 << 20) }, 0);
+        assert_eq!(unsafe { libc::ftruncate(fd, 16 << 20) }, 0);
         View::new(size, fd, Delivery::Exit, None, Box::new(|_| true)).unwrap()
     }
 
@@ -590,5 +666,29 @@ mod test {
         // Frame numbers below zero cannot be laid out: a plain remap.
         v.enter(0x30_5000, 2, Prot::RW, false);
         assert_eq!((n(&v.stats.relayouts), n(&v.stats.remaps)), (2, 2));
+        // Nor past the pool's end (its pages would fault with SIGBUS before
+        // userfaultfd saw them): the test pool has 4096 frames.
+        v.add_region(32 << 20, 2 << 20, Some(0)).unwrap();
+        v.enter((32 << 20) + 0x1000, 4095, Prot::RW, false);
+        assert_eq!((n(&v.stats.relayouts), n(&v.stats.remaps)), (2, 3));
+    }
+
+    #[test]
+    fn a_failed_host_mapping_is_reported_to_the_faulting_thread() {
+        // SAFETY: a memfd for the test; closed below to make mmap fail.
+        let fd = unsafe { libc::memfd_create(c"pmap-fail".as_ptr(), libc::MFD_CLOEXEC) };
+        // SAFETY: sizing our own memfd.
+        assert_eq!(unsafe { libc::ftruncate(fd, 16 << 20) }, 0);
+        let v = View::new(8 << 20, fd, Delivery::Exit, None, Box::new(|_| true)).unwrap();
+        v.add_region(0, 4 << 20, Some(0)).unwrap();
+        clear_map_failure();
+        // SAFETY: closing our own descriptor: every later mmap of it fails.
+        unsafe { libc::close(fd) };
+        v.enter(0x5000, 7, Prot::RW, false);
+        assert!(take_map_failure(0x6000).is_none(), "another page");
+        let e = take_map_failure(0x5123).expect("the failure is kept for its page");
+        assert_eq!(e.raw_os_error(), Some(libc::EBADF));
+        assert!(take_map_failure(0x5000).is_none(), "taken once");
+        assert_eq!(v.extract(0x5000), None, "the page stays absent");
     }
 }

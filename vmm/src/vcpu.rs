@@ -102,7 +102,12 @@ impl Vcpu {
                 }
             }
             let entered = recorder.map(|_| Instant::now());
+            let gen = self.ctx.ram.view.remap_gen();
             let exit = Exit::of(self.fd.run());
+            if matches!(exit, Exit::Failed(libc::EFAULT)) && self.ctx.ram.view.remapped_since(gen) {
+                // The guest touched a range the pmap was remapping: retry.
+                continue;
+            }
             let returned = recorder.map(|_| Instant::now());
             whole = matches!(exit, Exit::Interrupted);
             if whole {

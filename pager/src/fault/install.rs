@@ -75,7 +75,15 @@ fn mark_page(
     kind: FaultKind,
     window_target: Option<u64>,
 ) -> (Prot, bool) {
-    if matches!(kind, FaultKind::Soft | FaultKind::PagerIn) && !fs.fault_type.writable() && !page.has(pf::DIRTY) {
+    // A read through an RW|M window leaf is entered writable (the contract:
+    // the guest said the page is modified, so a write must not fault), so a
+    // clean page (paged in) is treated as written: dirty now.
+    let window_grants_write = window_target.is_some() && prot.writable();
+    if matches!(kind, FaultKind::Soft | FaultKind::PagerIn)
+        && !fs.fault_type.writable()
+        && !page.has(pf::DIRTY)
+        && !window_grants_write
+    {
         // Clean page: map read-only so the first write dirties it.
         prot = prot.without(Prot::WRITE);
     }

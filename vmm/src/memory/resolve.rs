@@ -89,6 +89,16 @@ pub struct DeliveryStats {
     pub guest_errors: AtomicU64,
 }
 
+/// The one line for a page the host would not map.
+fn host_mapping_failure(e: &std::io::Error) -> String {
+    let limit = std::fs::read_to_string("/proc/sys/vm/max_map_count").unwrap_or_default();
+    format!(
+        "the host refused to map it ({e}); vkvm's host mappings are capped by vm.max_map_count ({}): \
+         raise it (sysctl vm.max_map_count=N) for guests whose clones write scattered pages",
+        limit.trim()
+    )
+}
+
 impl GuestRam {
     /// Bring guest page `gpa` in for a guest touch (the pager also maps
     /// resident neighbours).
@@ -121,8 +131,14 @@ impl GuestRam {
     }
 
     fn fault(&self, gpa: u64, access: Access, flags: FaultFlags) -> Result<(), Unresolved> {
+        crate::pmap::clear_map_failure();
         match pager::fault(&self.map, gpa, access.prot(), flags) {
-            Ok(_) => Ok(()),
+            Ok(_) => match crate::pmap::take_map_failure(gpa) {
+                // The page was resolved but the host would not map it: the
+                // guest would refault on it forever.
+                Some(e) => Err(Unresolved::Fatal(Fatal { gpa, why: host_mapping_failure(&e) })),
+                None => Ok(()),
+            },
             Err(e) => Err(self.classify(gpa, e)),
         }
     }
